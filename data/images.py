@@ -1,0 +1,423 @@
+"""Image datasets for real runs, and a small real image set with its exact denoiser for CPU demos.
+
+One entry point, `open_dataset(spec)`, reads every format below, checks it completely and returns an
+`ImageDataset`. Anything wrong (missing path, wrong format, mismatched shapes, a corrupt or truncated file,
+labels that do not match the images) raises `DatasetError` naming the file, at open time, before any training.
+
+| spec             | what it reads                                                                              |
+|------------------|--------------------------------------------------------------------------------------------|
+| `cifar10:PATH`   | CIFAR-10 "python version": the tarball `cifar-10-python.tar.gz`, its extracted folder       |
+|                  | `cifar-10-batches-py`, or the folder that holds it. The 50,000 training images, 10 classes. |
+| `folder:DIR`     | EDM's dataset layout (what its `dataset_tool.py` writes, e.g. FFHQ or ImageNet 64x64):      |
+| `zip:FILE`       | PNGs in a folder or an uncompressed zip, in nested folders or not, sorted by path, with an  |
+|                  | optional `dataset.json` at the top: `{"labels": [["00000/img00000000.png", 6], ...]}` or   |
+|                  | `{"labels": null}`. All PNGs must be the same size, square, mode L (grey) or RGB.           |
+| `npz:FILE`       | a NumPy `.npz` with uint8 images under `x`, `images` or `arr_0` (exactly one of them) and    |
+|                  | optional int labels under `y` or `labels`.                                                  |
+| `npy:FILE`       | a NumPy `.npy` of uint8 images, no labels; memory-mapped, so all ranks share one copy.       |
+| `digits`         | scikit-learn's bundled 8x8 handwritten digits: 1,797 images, 1 channel, 10 classes.         |
+
+Array layouts accepted for npz/npy: [N, H, W, C] (tried first), [N, C, H, W] or [N, H, W], with C in {1, 3}
+and H = W. Pixels are uint8 0..255 (0..16 for the digits) and come out of `ImageDataset.batch` as float32 in
+[-1, 1], shape [B, C, H, W]; labels come out as int64 [B], and `one_hot` turns them into EDM's `class_labels`.
+
+Memory: PNG, CIFAR-10 and npz images are decoded once, at open, into one uint8 array per process
+(CIFAR-10 150 MB, FFHQ-64 0.9 GB, ImageNet-64 15.7 GB); a `.npy` is memory-mapped instead.
+
+Optional extras: Pillow for PNGs (`folder:`/`zip:`), scikit-learn for `digits`. Each is imported only when
+needed, with an error that says how to install it.
+
+`empirical_denoiser` is the exact denoiser of a finite point set, E[x_0 | x_σ = x] for x_0 uniform on the set
+and x_σ = x_0 + σ·z (EDM's VE convention), and `EmpiricalTeacher` wraps it as a drop-in for an EDM teacher
+network on any small `ImageDataset` (in practice the digits).
+
+Sources: EDM = Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models",
+arXiv 2206.00364v2 (and its code NVlabs/edm, as summarised in shared/papers/edm.md). CIFAR-10 = the format
+described on Krizhevsky's CIFAR-10 page ("Dataset layout", python version). Digits = scikit-learn's
+`sklearn.datasets.load_digits` documentation.
+"""
+
+import io
+import json
+import pickle
+import tarfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as given; the message names the file and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """Images held as integers [N, C, H, W] (a read-only memory map for .npy), with optional class labels."""
+
+    images: np.ndarray  # uint8 [N, C, H, W], values 0..pixel_max
+    labels: np.ndarray | None  # int64 [N] in [0, num_classes), or None when unlabelled
+    num_classes: int  # 0 when unlabelled (EDM's label_dim = 0)
+    pixel_max: int  # 255 for 8-bit images, 16 for the digits
+    source: str  # where the images came from, for messages
+
+    def __len__(self):
+        return self.images.shape[0]
+
+    @property
+    def channels(self):
+        return self.images.shape[1]
+
+    @property
+    def resolution(self):
+        return self.images.shape[2]
+
+    def batch(self, indices, xflip=False, generator=None):
+        """Images `indices` as float32 [B, C, H, W] in [-1, 1] and their labels int64 [B] (or None).
+
+        With `xflip`, each image is mirrored left-right with probability 1/2, drawn from `generator`, so a
+        run that saves the generator's state replays the same flips.
+        """
+        idx = np.asarray(indices, dtype=np.int64)
+        # Fancy indexing copies (also out of a memory map); ascontiguousarray for a transposed HWC view.
+        pixels = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
+        x = pixels.to(torch.float32) / (self.pixel_max / 2) - 1  # edm.md §1: data scaled to [-1, 1] (EDM: / 127.5 - 1)
+        if xflip:
+            flip = torch.rand(len(idx), generator=generator) < 0.5  # [B]
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        labels = None if self.labels is None else torch.from_numpy(self.labels[idx])
+        return x, labels
+
+
+def one_hot(labels, num_classes):
+    """int64 labels [B] -> float32 [B, num_classes], the form EDM networks take as `class_labels`."""
+    return torch.nn.functional.one_hot(labels, num_classes).to(torch.float32)
+
+
+def open_dataset(spec):
+    """Open and fully check the dataset named by `spec` (see the module docstring for the forms)."""
+    if spec == "digits":
+        return digits_dataset()
+    kind, _, path = spec.partition(":")
+    openers = {"cifar10": _open_cifar10, "folder": _open_folder, "zip": _open_zip, "npz": _open_npz, "npy": _open_npy}
+    if kind not in openers or not path:
+        raise DatasetError(
+            f"unknown dataset spec {spec!r}: expected cifar10:PATH, folder:DIR, zip:FILE, npz:FILE, npy:FILE or digits"
+        )
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file or folder (dataset spec {spec!r})")
+    return openers[kind](path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks shared by all formats.
+
+
+def _checked(images, labels, num_classes, source, pixel_max=255):
+    """Refuse anything that is not uint8 [N, C, H, W] with C in {1, 3}, H = W, N > 0 and one label per image."""
+    if images.dtype != np.uint8:
+        raise DatasetError(f"{source}: images are {images.dtype}, expected uint8 pixels 0..255")
+    n, c, h, w = images.shape
+    if n == 0:
+        raise DatasetError(f"{source}: no images")
+    if c not in (1, 3) or h != w:
+        raise DatasetError(f"{source}: images are {c}x{h}x{w} (CxHxW), expected 1 or 3 channels and square images")
+    if labels is not None:
+        if labels.ndim != 1 or len(labels) != n:
+            raise DatasetError(f"{source}: {n} images but labels of shape {list(labels.shape)}")
+        if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+            raise DatasetError(f"{source}: labels must be integers >= 0, got {labels.dtype} min {labels.min()}")
+        labels = labels.astype(np.int64)
+        num_classes = num_classes or int(labels.max()) + 1
+        if labels.max() >= num_classes:
+            raise DatasetError(f"{source}: label {labels.max()} out of range for {num_classes} classes")
+    return ImageDataset(images, labels, num_classes if labels is not None else 0, pixel_max, str(source))
+
+
+def _nchw(array, source):
+    """[N, H, W, C] (tried first), [N, C, H, W] or [N, H, W] -> a [N, C, H, W] view, C in {1, 3}, H = W."""
+    if array.ndim == 3:
+        return array[:, None]
+    if array.ndim == 4 and array.shape[3] in (1, 3) and array.shape[1] == array.shape[2]:
+        return array.transpose(0, 3, 1, 2)
+    if array.ndim == 4 and array.shape[1] in (1, 3) and array.shape[2] == array.shape[3]:
+        return array
+    raise DatasetError(
+        f"{source}: array of shape {list(array.shape)} is not [N,H,W,C], [N,C,H,W] or [N,H,W] "
+        "with 1 or 3 channels and square images"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CIFAR-10, python version.
+
+_CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]  # the five training batches of the python version
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds: dicts, lists, strings, ints and uint8 numpy arrays.
+
+    Any other global is refused, so a crafted file cannot run code the way plain `pickle.load` would let it.
+    The batches were pickled by Python 2 (module `numpy.core.multiarray`); NumPy 2 pickles name
+    `numpy._core.multiarray`. Both map to the function NumPy itself rebuilds arrays with.
+    """
+
+    _allowed = {
+        ("numpy.core.multiarray", "_reconstruct"): np.zeros(0).__reduce__()[0],
+        ("numpy._core.multiarray", "_reconstruct"): np.zeros(0).__reduce__()[0],
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._allowed:
+            raise pickle.UnpicklingError(f"refusing global {module}.{name}, which a CIFAR-10 batch never holds")
+        return self._allowed[(module, name)]
+
+
+def _cifar_batch(blob, source):
+    """One pickled batch -> (uint8 [n, 3, 32, 32], int64 [n])."""
+    try:
+        # latin1: Python 2 byte strings (the pixel buffers among them) arrive as str; NumPy reads them back.
+        batch = _CifarUnpickler(io.BytesIO(blob), encoding="latin1").load()
+    except Exception as e:  # a corrupt pickle can raise almost anything; all of it means "bad file"
+        raise DatasetError(f"{source}: not a readable CIFAR-10 batch ({type(e).__name__}: {e})") from e
+    if not isinstance(batch, dict):
+        raise DatasetError(f"{source}: expected a pickled dict, got {type(batch).__name__}")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DatasetError(f"{source}: 'data' must be a uint8 array [n, 3072]")
+    if labels is None or len(labels) != len(data):
+        raise DatasetError(f"{source}: {len(data)} images but {0 if labels is None else len(labels)} labels")
+    # CIFAR-10 page: each row is 1024 red, then 1024 green, then 1024 blue values, each plane row-major.
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels)
+
+
+def _open_cifar10(path):
+    if path.is_dir():
+        folder = path / _CIFAR_DIR if (path / _CIFAR_DIR).is_dir() else path
+        missing = [name for name in _CIFAR_TRAIN if not (folder / name).is_file()]
+        if missing:
+            raise DatasetError(f"{folder}: no {missing[0]}; expected the extracted CIFAR-10 python version")
+        parts = [_cifar_batch((folder / name).read_bytes(), folder / name) for name in _CIFAR_TRAIN]
+    else:
+        wanted = {f"{_CIFAR_DIR}/{name}": name for name in _CIFAR_TRAIN}
+        blobs = {}
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                for member in tar:  # one pass: seeking back in a .gz would decompress it again
+                    name = member.name.removeprefix("./")
+                    if name in wanted and member.isfile():
+                        blobs[wanted[name]] = tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+            raise DatasetError(f"{path}: not a readable tar archive ({type(e).__name__}: {e})") from e
+        missing = [name for name in _CIFAR_TRAIN if name not in blobs]
+        if missing:
+            raise DatasetError(f"{path}: no {_CIFAR_DIR}/{missing[0]} inside; is it the CIFAR-10 python version?")
+        parts = [_cifar_batch(blobs[name], f"{path}:{_CIFAR_DIR}/{name}") for name in _CIFAR_TRAIN]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    return _checked(images, labels, 10, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EDM-style PNG datasets: a folder or a zip of PNGs with an optional dataset.json.
+
+
+def _import_pillow():
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError(
+            "reading PNG datasets needs Pillow, an optional extra: pip install pillow "
+            "(or pip install 'consistency-distillation[images]')"
+        ) from e
+    return Image
+
+
+def _open_folder(path):
+    if not path.is_dir():
+        raise DatasetError(f"{path}: not a folder (use zip:{path} for a zip of PNGs)")
+    names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    return _png_dataset(path, names, lambda name: (path / name).read_bytes())
+
+
+def _open_zip(path):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = sorted(n for n in archive.namelist() if not n.endswith("/"))
+            return _png_dataset(path, names, archive.read)
+    except (zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
+        raise DatasetError(f"{path}: not a readable zip archive ({type(e).__name__}: {e})") from e
+
+
+def _png_dataset(root, names, read):
+    """Decode every PNG under `root` (sorted by path, as EDM does) into one uint8 [N, C, H, W] array."""
+    Image = _import_pillow()
+    pngs = [n for n in names if n.lower().endswith(".png")]
+    if not pngs:
+        raise DatasetError(f"{root}: no .png files")
+    images = None
+    for i, name in enumerate(pngs):
+        try:
+            with Image.open(io.BytesIO(read(name))) as image:
+                image.load()  # decode now: a truncated or corrupt file fails here, not during training
+                mode, pixels = image.mode, np.asarray(image)
+        except (OSError, SyntaxError, ValueError, zlib.error, zipfile.BadZipFile, EOFError) as e:
+            raise DatasetError(f"{root}/{name}: not a readable PNG ({type(e).__name__}: {e})") from e
+        if mode not in ("L", "RGB"):
+            raise DatasetError(f"{root}/{name}: PNG mode {mode}, expected L (grey) or RGB")
+        chw = pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)  # [C, H, W]
+        if images is None:
+            images = np.empty((len(pngs), *chw.shape), dtype=np.uint8)
+        elif chw.shape != images.shape[1:]:
+            raise DatasetError(
+                f"{root}/{name}: {mode} {chw.shape[2]}x{chw.shape[1]}, but {pngs[0]} is "
+                f"{images.shape[3]}x{images.shape[2]} with {images.shape[1]} channel(s); all images must match"
+            )
+        images[i] = chw
+    labels = _edm_labels(root, pngs, read) if "dataset.json" in names else None
+    return _checked(images, labels, 0, root)
+
+
+def _edm_labels(root, pngs, read):
+    """EDM's dataset.json: {"labels": [[fname, label], ...]} or {"labels": null} -> int64 [N] in `pngs` order."""
+    source = f"{root}/dataset.json"
+    try:
+        pairs = json.loads(read("dataset.json"))["labels"]
+        if pairs is None:
+            return None
+        table = dict(pairs)
+    except (ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"{source}: expected {{\"labels\": [[fname, label], ...]}} ({type(e).__name__}: {e})") from e
+    if len(table) != len(pairs):
+        raise DatasetError(f"{source}: {len(pairs)} label entries but {len(table)} distinct file names")
+    unlabelled = [n for n in pngs if n not in table]
+    unknown = sorted(set(table) - set(pngs))
+    if unlabelled or unknown:
+        raise DatasetError(
+            f"{source}: {len(pngs)} PNGs and {len(table)} labels do not match "
+            f"(first unlabelled: {unlabelled[:1]}, first label without a PNG: {unknown[:1]})"
+        )
+    values = [table[n] for n in pngs]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise DatasetError(f"{source}: class labels must be integers")
+    return np.array(values, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plain NumPy arrays.
+
+
+def _starts_with(path, magic, what):
+    """Refuse early a file of another kind, before NumPy calls it "pickled data" and suggests unsafe loading."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: a folder, not {what}")
+    with open(path, "rb") as f:
+        if f.read(len(magic)) != magic:
+            raise DatasetError(f"{path}: not {what} (it does not start with {magic!r})")
+
+
+def _open_npz(path):
+    _starts_with(path, b"PK", "an .npz archive (a zip)")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from e
+    with archive:
+        image_keys = [k for k in ("x", "images", "arr_0") if k in archive.files]
+        label_keys = [k for k in ("y", "labels") if k in archive.files]
+        if len(image_keys) != 1 or len(label_keys) > 1:
+            raise DatasetError(
+                f"{path}: holds {archive.files}; expected exactly one image array (x, images or arr_0) "
+                "and at most one label array (y or labels)"
+            )
+        try:
+            images = archive[image_keys[0]]
+            labels = archive[label_keys[0]] if label_keys else None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise DatasetError(f"{path}: a corrupt array inside ({type(e).__name__}: {e})") from e
+    return _checked(_nchw(images, path), labels, 0, path)
+
+
+def _open_npy(path):
+    _starts_with(path, b"\x93NUMPY", "a .npy array")
+    try:
+        # mmap: the file stays on disk and in the page cache, shared by every process that opens it.
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DatasetError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from e
+    return _checked(_nchw(array, path), None, 0, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A built-in image set for CPU demos, and the exact denoiser of a finite image set.
+
+
+def digits_dataset():
+    """scikit-learn's bundled 8x8 digits (no download): 1,797 images, 1 channel, 10 classes, pixels 0..16."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError(
+            "the 'digits' dataset needs scikit-learn, an optional extra: pip install scikit-learn "
+            "(or pip install 'consistency-distillation[digits]')"
+        ) from e
+    X, y = load_digits(return_X_y=True)  # float64 [1797, 64], integers 0..16 (sklearn docs); int [1797]
+    images = X.astype(np.uint8).reshape(-1, 1, 8, 8)  # each row is one 8x8 image, row-major
+    return _checked(images, y, 10, "scikit-learn digits", pixel_max=16)
+
+
+def empirical_denoiser(points, x, sigma):
+    r"""E[x_0 | x_σ = x] for x_0 uniform on `points` [N, d], x [B, d], σ [B] -> [B, d], in float64.
+
+    With x_σ = x_0 + σz (EDM §1) the posterior over the N points is a softmax of Gaussian log-likelihoods,
+    EDM App. B.3 ("ideal denoiser"):
+        D(x; σ) = \sum_i w_i x_i,   w_i = softmax_i( -|x - x_i|^2 / (2σ^2) ).
+    The softmax goes through log-sum-exp, so it stays exact for σ → 0, where every weight but one underflows.
+    """
+    points, x, sigma = points.double(), x.double(), sigma.double()
+    # -|x - x_i|^2 / 2 = x·x_i - |x_i|^2/2 - |x|^2/2; the last term is the same for every i and cancels.
+    logits = (x @ points.T - 0.5 * points.square().sum(1)) / sigma[:, None] ** 2  # [B, N]
+    weights = torch.exp(logits - torch.logsumexp(logits, dim=1, keepdim=True))  # [B, N], softmax
+    return weights @ points  # [B, d]
+
+
+class EmpiricalTeacher(torch.nn.Module):
+    """The exact denoiser of an image set, called like an EDM teacher: `D(x, sigma, class_labels=None)`.
+
+    x is [B, C, H, W], sigma [B] (or one value for all), class_labels one-hot [B, num_classes] or None. With
+    class labels, each image is denoised against the training images of its own class only: the exact
+    class-conditional posterior mean. It carries EDM's `img_resolution`, `img_channels` and `label_dim` so a run
+    can check it against its data as it would a network. Cost is O(B·N·C·H·W) per call: meant for the digits.
+    """
+
+    def __init__(self, dataset):
+        super().__init__()
+        x0, labels = dataset.batch(np.arange(len(dataset)))
+        self.register_buffer("points", x0.double().flatten(1))  # [N, C·H·W], the training images in [-1, 1]
+        self.register_buffer("point_labels", labels if labels is not None else torch.zeros(0, dtype=torch.long))
+        self.img_resolution, self.img_channels, self.label_dim = dataset.resolution, dataset.channels, dataset.num_classes
+
+    def forward(self, x, sigma, class_labels=None):
+        B = x.shape[0]
+        x_flat = x.flatten(1)  # [B, C·H·W]
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(B)  # [B]
+        # The sums run in float64 whatever the caller's autocast: autocast leaves float64 ops alone.
+        if class_labels is None:
+            D_x = empirical_denoiser(self.points, x_flat, sigma)
+        else:
+            if self.label_dim == 0:
+                raise ValueError("class_labels given, but this teacher's dataset has no labels")
+            y = class_labels.argmax(dim=1)  # [B], from one-hot
+            D_x = torch.empty(x_flat.shape, dtype=torch.float64, device=x.device)
+            for c in y.unique():
+                rows, members = y == c, self.point_labels == c
+                D_x[rows] = empirical_denoiser(self.points[members], x_flat[rows], sigma[rows])
+        return D_x.to(x.dtype).reshape(x.shape)
