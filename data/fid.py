@@ -1,0 +1,111 @@
+r"""Fréchet Inception Distance (FID): our own Fréchet-distance core, and an optional Inception feature extractor.
+
+FID (Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium",
+arXiv 1706.08500v6) fits a Gaussian to the Inception-v3 pool features (2048-d) of generated and of real images
+and reports the Fréchet (2-Wasserstein) distance between the two Gaussians (Dowson & Landau 1982):
+
+    d^2 = |μ_1 - μ_2|^2 + Tr(Σ_1 + Σ_2 - 2 (Σ_1 Σ_2)^{1/2})
+
+| code                     | symbol                 |
+|--------------------------|------------------------|
+| `mu1`, `mu2`             | μ_1, μ_2  [d]          |
+| `sigma1`, `sigma2`       | Σ_1, Σ_2  [d, d]       |
+
+`frechet_distance` and `feature_statistics` are plain float64 torch code, tested here against closed forms.
+The Inception network comes from torch-fidelity, an optional extra (`pip install torch-fidelity`), whose
+InceptionV3 is the port of the TensorFlow FID network that published numbers use. It downloads its weights
+(about 100 MB) on first use, so it needs network access once (or `weights_path=` to a local copy): fine on a
+GPU node, impossible on an offline machine, and never needed for training or for the tests. torch-fidelity
+also needs torchvision, which must match the installed torch.
+
+Papers report FID over 50,000 samples against the training set (EDM, CM and CTM on CIFAR-10, ImageNet-64);
+`fid` defaults to that. FID on the 8x8 digits runs (the images are upsampled to 299x299) but is not a number
+to compare with anything.
+"""
+
+import torch
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    r"""|μ_1 - μ_2|^2 + Tr(Σ_1 + Σ_2 - 2 (Σ_1 Σ_2)^{1/2}) between two Gaussians, in float64, as a float.
+
+    The trace of the matrix square root is taken without forming one. Σ_1 Σ_2 has the eigenvalues of
+    Σ_1^{1/2} Σ_2 Σ_1^{1/2} = B Bᵀ with B = Σ_1^{1/2} Σ_2^{1/2}, so Tr (Σ_1 Σ_2)^{1/2} is the sum of the singular
+    values of B (its nuclear norm). Symmetric square roots (`eigh`) and an SVD are stable, and taking singular
+    values of B rather than square roots of the eigenvalues of B Bᵀ keeps full precision when a covariance is
+    singular (fewer samples than feature dimensions), where the square root of a rounding error would not.
+    """
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
+    B = _sqrt_psd(sigma1) @ _sqrt_psd(sigma2)
+    tr_sqrt = torch.linalg.svdvals(B).sum()  # Tr (Σ_1 Σ_2)^{1/2} = ‖Σ_1^{1/2} Σ_2^{1/2}‖_*
+    d2 = (mu1 - mu2).square().sum() + torch.trace(sigma1) + torch.trace(sigma2) - 2 * tr_sqrt  # FID definition
+    return d2.item()
+
+
+def _sqrt_psd(sigma):
+    """Σ^{1/2} of a symmetric PSD matrix, by eigendecomposition."""
+    lam, U = torch.linalg.eigh(sigma)
+    return U @ torch.diag(lam.clamp(min=0).sqrt()) @ U.T  # clamp: rounding makes zero eigenvalues slightly negative
+
+
+def feature_statistics(feature_batches):
+    """Mean [d] and unbiased covariance [d, d] (as `numpy.cov`) of feature batches [b, d], in float64, streaming."""
+    n, s, S = 0, 0.0, 0.0
+    for f in feature_batches:
+        f = f.to(torch.float64)
+        n, s, S = n + f.shape[0], s + f.sum(0), S + f.T @ f  # count, Σ f, Σ f fᵀ
+    mu = s / n
+    sigma = (S - n * torch.outer(mu, mu)) / (n - 1)  # sample covariance: (Σ f fᵀ - n μ μᵀ) / (n - 1)
+    return mu, sigma
+
+
+def to_uint8_rgb(x):
+    """Images in [-1, 1] [B, C, H, W] -> uint8 [B, 3, H, W], as EDM saves them; grey images repeated to RGB."""
+    pixels = (x * 127.5 + 128).clip(0, 255).to(torch.uint8)  # edm.md §5 (generate.py): x·127.5 + 128, clipped to [0, 255]
+    return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
+
+
+def inception_features(device="cuda", weights_path=None):
+    """torch-fidelity's InceptionV3 (TensorFlow-FID port): uint8 [B, 3, H, W] -> pool features float32 [B, 2048]."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError as e:
+        raise ImportError(
+            "FID needs torch-fidelity, an optional extra: pip install torch-fidelity "
+            "(or pip install 'consistency-distillation[fid]'); it also needs a torchvision that matches torch"
+        ) from e
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights_path)
+    net = net.to(device)
+
+    @torch.no_grad()
+    def features(images):
+        (pool,) = net(images.to(device))
+        return pool
+
+    return features
+
+
+def dataset_statistics(dataset, features, batch_size=250):
+    """FID statistics (μ, Σ) of every image of an `ImageDataset` (data/images.py), in order, without flips."""
+    batches = (
+        features(to_uint8_rgb(dataset.batch(range(i, min(i + batch_size, len(dataset))))[0]))
+        for i in range(0, len(dataset), batch_size)
+    )
+    return feature_statistics(batches)
+
+
+def sample_statistics(generate, features, num_samples=50_000, batch_size=250):
+    """FID statistics (μ, Σ) of `num_samples` images from `generate(n) -> [n, C, H, W] in [-1, 1]`."""
+    batches = (
+        features(to_uint8_rgb(generate(min(batch_size, num_samples - i))))
+        for i in range(0, num_samples, batch_size)
+    )
+    return feature_statistics(batches)
+
+
+def fid(generate, dataset, num_samples=50_000, batch_size=250, features=None):
+    """FID of `num_samples` generated images against all images of `dataset`, with Inception unless `features`."""
+    features = inception_features() if features is None else features
+    mu_gen, sigma_gen = sample_statistics(generate, features, num_samples, batch_size)
+    mu_ref, sigma_ref = dataset_statistics(dataset, features, batch_size)
+    return frechet_distance(mu_gen, sigma_gen, mu_ref, sigma_ref)
