@@ -1,0 +1,263 @@
+"""Tests for algorithms/ctm.py, named after the properties of CTM (Kim et al., arXiv:2310.02279v3) that ctm.md
+§12 lists. Ground truth: Gaussian data N(0, σ_d²I), whose PF-ODE jump is G(x,t,s) = sqrt((s²+σ_d²)/(t²+σ_d²))·x,
+and the exact toy denoisers of data/toy.py."""
+import copy
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from algorithms import ctm, edm
+from algorithms.edm import SIGMA_DATA as sd, SIGMA_MAX, SIGMA_MIN
+from data import toy
+from networks.mlp import MLP
+
+f64 = torch.float64
+sigmas = st.floats(SIGMA_MIN, SIGMA_MAX)
+
+
+def ctm_beta_alpha(t, s):
+    """CTM's combined coefficients G_θ = β·x_t + α·NN_θ, ctm.md §1 (written out independently of ctm.py)."""
+    return (sd**2 + s * t) / (sd**2 + t**2), sd * (t - s) / (sd**2 + t**2).sqrt()
+
+
+def gaussian_jump(t, s):
+    """The exact PF-ODE jump factor for N(0, σ_d²I) data: G(x, t, s) = gaussian_jump(t, s)·x (ctm.md §12)."""
+    return ((s**2 + sd**2) / (t**2 + sd**2)).sqrt()
+
+
+class ExactGaussianNet(nn.Module):
+    """A raw network whose jumper β·x + α·NN is the exact Gaussian jump, plus w·x_in, w a trainable scalar: at w = 0
+    it is the exact jumper, and dG/dw = α(t,s)·c_in(t)·x_t is known in closed form."""
+
+    def __init__(self, beta_alpha=ctm_beta_alpha, w=0.0):
+        super().__init__()
+        self.beta_alpha, self.w = beta_alpha, nn.Parameter(torch.tensor(w, dtype=f64))
+
+    def forward(self, x_in, c_t, class_labels=None, noise_labels_s=None):
+        t, s = (4 * c_t).exp()[:, None], (4 * noise_labels_s).exp()[:, None]       # undo c_noise = ln σ / 4
+        x = x_in * (sd**2 + t**2).sqrt()                                 # undo c_in(t)
+        beta, alpha = self.beta_alpha(t, s)
+        safe = torch.where(alpha == 0, torch.ones_like(alpha), alpha)
+        NN = torch.where(alpha == 0, torch.zeros_like(x), (gaussian_jump(t, s) - beta) * x / safe)
+        return NN + self.w * x_in
+
+
+class ScaledDenoiser(nn.Module):
+    """The exact Gaussian teacher times a parameter (= 1), only to check that the teacher gets no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.0, dtype=f64))
+
+    def forward(self, x, sigma, labels=None):
+        return self.scale * toy.gaussian(std=sd).denoiser(x, sigma)
+
+
+def random_mlp(seed):
+    """An MLP with its zero-initialised s-path randomised, so that the output really depends on s."""
+    torch.manual_seed(seed)
+    net = MLP(s_embedding=True, hidden=32, emb=32, num_blocks=2).to(f64)
+    for block in net.blocks:
+        nn.init.normal_(block.affine_s.weight, std=0.3)
+    return net
+
+
+# ---- the jumper (ctm.md §1) ---------------------------------------------------------------------------------
+
+@settings(max_examples=50, deadline=None)
+@given(t=sigmas, value=st.floats(-1e30, 1e30), scale=st.floats(1e-3, 1e4), seed=st.integers(0, 2**16))
+def test_ctm_jump_is_identity_when_s_equals_t(t, value, scale, seed):
+    x = scale * torch.randn(5, 2, dtype=f64, generator=torch.Generator().manual_seed(seed))
+    net = lambda x_in, c_t, labels=None, noise_labels_s=None: torch.full_like(x_in, value)  # any output
+    assert torch.equal(ctm.G(net, x, t, t), x)
+
+
+@settings(max_examples=50, deadline=None)
+@given(t=sigmas, frac=st.floats(0, 1), seed=st.integers(0, 2**16))
+def test_ctm_jumper_has_combined_coefficients_beta_alpha(t, frac, seed):
+    s = max(SIGMA_MIN, frac * t)
+    net = random_mlp(seed % 7)
+    x = torch.randn(6, 2, dtype=f64, generator=torch.Generator().manual_seed(seed))
+    beta, alpha = ctm_beta_alpha(torch.tensor(t, dtype=f64), torch.tensor(s, dtype=f64))
+    expected = beta * x + alpha * ctm.F(net, x, t, s)
+    torch.testing.assert_close(ctm.G(net, x, t, s), expected, rtol=1e-12, atol=1e-12)
+
+
+# ---- (t, u, s) sampler (ctm.md §5) ------------------------------------------------------------------------------
+
+def test_tus_sampler_satisfies_sigma_min_le_s_le_u_lt_t_on_the_grid():
+    g = torch.Generator().manual_seed(0)
+    for N, K_max in [(18, 17), (40, 39), (10, 3), (2, 1)]:
+        grid = edm.sigma_grid(N)
+        seen_s_eq_u = seen_s_min = False
+        for _ in range(200):
+            n, k, m = ctm.sample_indices(N, K_max, 64, g)
+            assert 1 <= k <= K_max and bool((n >= 0).all()) and bool((m <= N - 1).all())
+            t, u, s = grid[n], grid[n + k], grid[m]
+            assert bool((SIGMA_MIN <= s).all() and (s <= u).all() and (u < t).all())
+            seen_s_eq_u |= bool((s == u).any())
+            seen_s_min |= bool((s == SIGMA_MIN).any())
+        assert seen_s_eq_u and seen_s_min
+
+
+def test_number_of_teacher_steps_has_P_k_proportional_to_k():
+    """Pearson chi-square at a fixed seed, 6000 draws of k on {1..17} (df = 16). Critical value of χ²_16 at
+    significance 0.001: 39.252 (standard tables). The same counts must reject a uniform P(k), so the test can fail."""
+    K_max, draws, critical = 17, 6000, 39.252
+    g = torch.Generator().manual_seed(1)
+    counts = torch.zeros(K_max, dtype=f64)
+    for _ in range(draws):
+        counts[ctm.sample_indices(18, K_max, 1, g)[1] - 1] += 1
+    k = torch.arange(1, K_max + 1, dtype=f64)
+    chi2 = lambda p: float(((counts - draws * p) ** 2 / (draws * p)).sum())
+    assert chi2(k / k.sum()) < critical
+    assert chi2(torch.full_like(k, 1 / K_max)) > critical
+
+
+# ---- CTM loss (ctm.md §4) -----------------------------------------------------------------------------------------
+
+def draw(cfg, B, seed):
+    g = torch.Generator().manual_seed(seed)
+    n, k, m = ctm.sample_indices(cfg.N, cfg.K_max, B, g)
+    grid = edm.sigma_grid(cfg.N)
+    x0 = toy.gaussian(std=sd).sample(B, g)[0]
+    return grid, n, k, m, x0 + grid[n][:, None] * torch.randn(B, 2, dtype=f64, generator=g)
+
+
+def test_ctm_loss_is_zero_up_to_solver_error_for_the_exact_jumper():
+    """With G_θ = G_θ⁻ = the exact Gaussian jump, x_est is the exact ODE solution at σ_min and x_target differs only
+    by the teacher's Heun error e at u, carried exactly to σ_min: L = gaussian_jump(u, σ_min)²·‖e‖²."""
+    cfg, net = ctm.Config(use_dsm=False), ExactGaussianNet()
+    teacher = toy.gaussian(std=sd).denoiser
+    for seed in range(10):
+        grid, n, k, m, x_t = draw(cfg, 256, seed)
+        L = ctm.ctm_distance(cfg, net, net, teacher, x_t, n, k, m)
+        t, u = grid[n][:, None], grid[n + k][:, None]
+        e = ctm.teacher_solver(teacher, x_t, grid, n, k) - gaussian_jump(t, u) * x_t   # Heun error at u
+        expected = (gaussian_jump(u, SIGMA_MIN) ** 2 * e.square()).sum(1)
+        torch.testing.assert_close(L, expected, rtol=1e-8, atol=1e-18)
+        assert float(L.detach().max()) < 1e-4 * float(x_t.square().sum(1).max())
+
+
+def test_ctm_gradient_flows_only_through_the_inner_call():
+    """Online w, EMA w⁻ and the teacher's scale all require grad. Only w may get a gradient, and it must be the
+    gradient through the estimate's inner call G_θ(x_t,t,s) *and* through the frozen outer θ⁻ call's input."""
+    cfg = ctm.Config(use_dsm=False)
+    net, net_ema, teacher = ExactGaussianNet(w=0.3), ExactGaussianNet(w=-0.2), ScaledDenoiser()
+    grid, n, k, m, x_t = draw(cfg, 128, seed=3)
+    ctm.ctm_distance(cfg, net, net_ema, teacher, x_t, n, k, m).sum().backward()
+    assert net_ema.w.grad is None and teacher.scale.grad is None
+    t, u, s = (grid[i][:, None] for i in (n, n + k, m))
+    a = lambda t_, s_: sd * (t_ - s_) / (sd**2 + t_**2)                 # dG/dw / x_t = α(t,s)·c_in(t)
+    A = gaussian_jump(s, SIGMA_MIN) + (-0.2) * a(s, SIGMA_MIN)          # the outer θ⁻ jump s → σ_min, linear
+    x_u = ctm.teacher_solver(teacher, x_t, grid, n, k)
+    est = A * (gaussian_jump(t, s) + 0.3 * a(t, s)) * x_t
+    tgt = A * (gaussian_jump(u, s) + 0.3 * a(u, s)) * x_u
+    expected = (2 * (est - tgt) * A * a(t, s) * x_t).sum()              # d/dw of ‖est − sg(tgt)‖²
+    torch.testing.assert_close(net.w.grad, expected, rtol=1e-10, atol=0.0)
+
+
+def test_loss_without_dsm_is_the_ctm_distance_at_x_t_equal_x0_plus_t_z():
+    cfg, net, teacher = ctm.Config(use_dsm=False), random_mlp(0), toy.ring8().denoiser
+    x0 = toy.ring8().sample(64, torch.Generator().manual_seed(0))[0]
+    L = ctm.loss(cfg, net, net, teacher, x0, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)                                  # the documented order: k, n, m, then z
+    n, k, m = ctm.sample_indices(cfg.N, cfg.K_max, 64, g)
+    x_t = x0 + edm.sigma_grid(cfg.N)[n][:, None] * torch.randn(64, 2, dtype=f64, generator=g)
+    torch.testing.assert_close(L, ctm.ctm_distance(cfg, net, net, teacher, x_t, n, k, m), rtol=1e-12, atol=0.0)
+
+
+# ---- DSM and the adaptive balance (ctm.md §6) ---------------------------------------------------------------------
+
+class ExactDenoiserNet(nn.Module):
+    """A raw network whose g_θ(x, σ, σ) is the exact ring8 denoiser, plus a constant offset δ."""
+
+    def __init__(self, delta=0.0):
+        super().__init__()
+        self.delta, self.D = delta, toy.ring8().denoiser
+
+    def forward(self, x_in, c_t, class_labels=None, noise_labels_s=None):
+        sigma = (4 * c_t).exp()
+        c_skip, c_out, c_in, _ = edm.precond(sigma[:, None])
+        x = x_in / c_in
+        return (self.D(x, sigma) - c_skip * x) / c_out + self.delta
+
+
+def test_dsm_with_the_exact_denoiser_is_lower_than_with_a_perturbed_one():
+    cfg = ctm.Config()
+    x0 = toy.ring8().sample(4096, torch.Generator().manual_seed(0))[0]
+    dsm = lambda net: float(ctm.dsm_loss(cfg, net, x0, generator=torch.Generator().manual_seed(1)).mean())
+    exact = dsm(ExactDenoiserNet())
+    for delta in (0.1, -0.1, 0.3):
+        assert exact < dsm(ExactDenoiserNet(delta))
+
+
+def test_dsm_sigma_sampler_is_half_lognormal_half_karras_ramp():
+    sigma = ctm.dsm_sigma(ctm.Config(), 20000, torch.Generator().manual_seed(0))
+    ln_first = sigma[:10000].log()
+    assert abs(float(ln_first.mean()) + 1.2) < 0.05 and abs(float(ln_first.std()) - 1.2) < 0.05
+    ramp = sigma[10000:]
+    lo = (SIGMA_MAX ** (1 / 7) + 0.7 * (SIGMA_MIN ** (1 / 7) - SIGMA_MAX ** (1 / 7))) ** 7    # ctm.md §6: ≈ 0.318
+    assert float(ramp.min()) >= lo and float(ramp.max()) <= SIGMA_MAX and abs(lo - 0.318) < 1e-3
+
+
+def test_adaptive_weight_equalises_the_last_layer_gradient_norms():
+    cfg, net = ctm.Config(), random_mlp(1)
+    x0 = toy.ring8().sample(128, torch.Generator().manual_seed(0))[0]
+    g = torch.Generator().manual_seed(2)
+    n, k, m = ctm.sample_indices(cfg.N, cfg.K_max, 128, g)
+    x_t = x0 + edm.sigma_grid(cfg.N)[n][:, None] * torch.randn(128, 2, dtype=f64, generator=g)
+    L_ctm = ctm.ctm_distance(cfg, net, copy.deepcopy(net), toy.ring8().denoiser, x_t, n, k, m).mean()
+    L_dsm = ctm.dsm_loss(cfg, net, x0, generator=g).mean()
+    W = net.out[-1].weight
+    lam = ctm.adaptive_weight(L_ctm, L_dsm, W)
+    norm = lambda L: torch.autograd.grad(L, W, retain_graph=True)[0].norm()
+    assert not lam.requires_grad and 0 < float(lam) < 1e4
+    torch.testing.assert_close(norm(lam * L_dsm) + lam * 1e-4, norm(L_ctm), rtol=1e-10, atol=0.0)
+
+
+def test_loss_with_dsm_requires_the_last_layer():
+    x0 = toy.ring8().sample(8, torch.Generator().manual_seed(0))[0]
+    net = random_mlp(0)
+    try:
+        ctm.loss(ctm.Config(), net, net, toy.ring8().denoiser, x0)
+    except ValueError:
+        return
+    raise AssertionError("ctm.loss accepted use_dsm=True without last_layer")
+
+
+# ---- γ-sampling (ctm.md §9.1) -------------------------------------------------------------------------------------
+
+def test_gamma_one_reproduces_cm_multistep_sampling():
+    """CM's multistep sampler (Song et al. 2023, arXiv:2303.01469v2, Alg. 1) written out with f(x, τ) = G_θ(x,τ,σ_min)
+    on the same network, grid τ and noise stream."""
+    net, cfg = random_mlp(2), ctm.Config(gamma=1.0)
+    noise = torch.randn(32, 2, dtype=f64, generator=torch.Generator().manual_seed(0))
+    for nfe in (1, 2, 4):
+        path = []
+        x_ctm = ctm.sample(cfg, net, noise, nfe=nfe, generator=torch.Generator().manual_seed(9), path=path)
+        assert len(path) == nfe + 1 and torch.equal(path[0], SIGMA_MAX * noise)
+        tau, g = edm.sigma_grid(nfe + 1).tolist(), torch.Generator().manual_seed(9)
+        f = lambda x_, t_: ctm.G(net, x_, t_, SIGMA_MIN)
+        x = f(SIGMA_MAX * noise, SIGMA_MAX)                                    # Alg. 1 l. 1–2
+        for t_n in tau[1:-1]:                                                  # Alg. 1 l. 3
+            z = torch.randn(x.shape, dtype=f64, generator=g)                   # Alg. 1 l. 4
+            x = f(x + math.sqrt(t_n**2 - SIGMA_MIN**2) * z, t_n)               # Alg. 1 l. 5–6
+        torch.testing.assert_close(x_ctm, x, rtol=1e-12, atol=1e-12)
+
+
+def test_gamma_zero_is_deterministic_long_jumps_given_the_noise():
+    net, cfg = random_mlp(3), ctm.Config(gamma=0.0)
+    noise = torch.randn(32, 2, dtype=f64, generator=torch.Generator().manual_seed(0))
+    run = lambda c, seed: ctm.sample(c, net, noise, nfe=3, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(cfg, 0), run(cfg, 1))
+    t = edm.sigma_grid(4).tolist()
+    x = SIGMA_MAX * noise
+    for i in range(3):
+        x = ctm.G(net, x, t[i], t[i + 1])
+    torch.testing.assert_close(run(cfg, 0), x, rtol=1e-12, atol=1e-12)
+    half = ctm.Config(gamma=0.5)
+    assert not torch.allclose(run(half, 0), run(half, 1))                      # γ > 0 is stochastic
