@@ -267,8 +267,7 @@ def _png_dataset(root, names, read):
     for i, name in enumerate(pngs):
         try:
             with Image.open(io.BytesIO(read(name))) as image:
-                image.load()  # decode now: a truncated or corrupt file fails here, not during training
-                mode, pixels = image.mode, np.asarray(image)
+                mode, pixels = image.mode, np.asarray(image)  # decodes now: a corrupt file fails here, not in training
         except (OSError, SyntaxError, ValueError, zlib.error, zipfile.BadZipFile, EOFError) as e:
             raise DatasetError(f"{root}/{name}: not a readable PNG ({type(e).__name__}: {e})") from e
         if mode not in ("L", "RGB"):

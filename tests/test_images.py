@@ -335,6 +335,13 @@ def digits():
     return open_dataset("digits")
 
 
+def test_digits_without_scikit_learn_say_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # makes the import raise ImportError, loaded or not
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match="pip install scikit-learn"):
+        open_dataset("digits")
+
+
 def brute_force_posterior_mean(points, x, sigma):
     """Σ_i N(x; x_i, σ²I) x_i / Σ_i N(x; x_i, σ²I), written out directly (no log-sum-exp, no expansion)."""
     d2 = ((x[:, None, :] - points[None, :, :]) ** 2).sum(-1)  # [B, N]
