@@ -13,14 +13,15 @@ and reports the Fréchet (2-Wasserstein) distance between the two Gaussians (Dow
 
 `frechet_distance` and `feature_statistics` are plain float64 torch code, tested here against closed forms.
 The Inception network comes from torch-fidelity, an optional extra (`pip install torch-fidelity`), whose
-InceptionV3 is the port of the TensorFlow FID network that published numbers use. It downloads its weights
-(about 100 MB) on first use, so it needs network access once (or `weights_path=` to a local copy): fine on a
-GPU node, impossible on an offline machine, and never needed for training or for the tests. torch-fidelity
-also needs torchvision, which must match the installed torch.
+InceptionV3 is the port of the TensorFlow FID network that published numbers use. It downloads its weights on
+first use, so it needs network access once (or `weights_path=` to a local copy): fine on a GPU node, impossible
+on an offline machine, and never needed for training or for the tests. torch-fidelity also needs torchvision,
+which must match the installed torch.
 
-Papers report FID over 50,000 samples against the training set (EDM, CM and CTM on CIFAR-10, ImageNet-64);
-`fid` defaults to that. FID on the 8x8 digits runs (the images are upsampled to 299x299) but is not a number
-to compare with anything.
+Papers report FID over 50,000 generated samples (shared/papers/README.md), and `fid` defaults to that; the
+reference statistics are those of every image of the dataset given, the training set as in EDM's `fid.py`.
+FID on the 8x8 digits runs (the images are upsampled to 299x299) but is not a number to compare with anything.
+The helpers run in one process: under DDP, compute FID on rank 0.
 """
 
 import torch
@@ -30,8 +31,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     r"""|μ_1 - μ_2|^2 + Tr(Σ_1 + Σ_2 - 2 (Σ_1 Σ_2)^{1/2}) between two Gaussians, in float64, as a float.
 
     The trace of the matrix square root is taken without forming one. Σ_1 Σ_2 has the eigenvalues of
-    Σ_1^{1/2} Σ_2 Σ_1^{1/2} = B Bᵀ with B = Σ_1^{1/2} Σ_2^{1/2}, so Tr (Σ_1 Σ_2)^{1/2} is the sum of the singular
-    values of B (its nuclear norm). Symmetric square roots (`eigh`) and an SVD are stable, and taking singular
+    Σ_1^{1/2} Σ_2 Σ_1^{1/2} = B Bᵀ with B = Σ_1^{1/2} Σ_2^{1/2}, so Tr (Σ_1 Σ_2)^{1/2} is the sum of the
+    singular values of B (its nuclear norm). Symmetric square roots (`eigh`) and an SVD are stable, and taking singular
     values of B rather than square roots of the eigenvalues of B Bᵀ keeps full precision when a covariance is
     singular (fewer samples than feature dimensions), where the square root of a rounding error would not.
     """
@@ -61,7 +62,7 @@ def feature_statistics(feature_batches):
 
 def to_uint8_rgb(x):
     """Images in [-1, 1] [B, C, H, W] -> uint8 [B, 3, H, W], as EDM saves them; grey images repeated to RGB."""
-    pixels = (x * 127.5 + 128).clip(0, 255).to(torch.uint8)  # edm.md §5 (generate.py): x·127.5 + 128, clipped to [0, 255]
+    pixels = (x * 127.5 + 128).clip(0, 255).to(torch.uint8)  # edm.md §5 (generate.py): x·127.5 + 128, clipped
     return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
 
 

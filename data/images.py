@@ -402,7 +402,8 @@ class EmpiricalTeacher(torch.nn.Module):
         x0, labels = dataset.batch(np.arange(len(dataset)))
         self.register_buffer("points", x0.double().flatten(1))  # [N, C·H·W], the training images in [-1, 1]
         self.register_buffer("point_labels", labels if labels is not None else torch.zeros(0, dtype=torch.long))
-        self.img_resolution, self.img_channels, self.label_dim = dataset.resolution, dataset.channels, dataset.num_classes
+        self.img_resolution, self.img_channels = dataset.resolution, dataset.channels
+        self.label_dim = dataset.num_classes
 
     def forward(self, x, sigma, class_labels=None):
         B = x.shape[0]

@@ -157,7 +157,7 @@ def zip_folder(folder, path):
 def test_png_folder_and_zip_with_dataset_json(tmp_path, channels):
     images = images_nhwc(5, channels=channels)
     # EDM's dataset_tool layout: nested folders; read back sorted by path, not by write order.
-    names = ["00001/img00000003.png", "00000/img00000001.png", "00000/img00000000.png", "00001/img00000004.png", "00000/img00000002.png"]
+    names = [f"0000{i // 3}/img0000000{i}.png" for i in (3, 1, 0, 4, 2)]
     folder = tmp_path / "ds"
     write_pngs(folder, images, names)
     (folder / "dataset.json").write_text(json.dumps({"labels": [[n, i % 3] for i, n in enumerate(names)]}))
@@ -380,7 +380,8 @@ def test_empirical_denoiser_tends_to_the_nearest_image_as_sigma_goes_to_zero(dig
 def test_empirical_denoiser_tends_to_the_data_mean_as_sigma_goes_to_infinity(digits):
     points = digits.batch(range(len(digits)))[0].double().flatten(1)
     sigma = torch.full((4,), 1e8, dtype=torch.float64)
-    x = points[:4] + sigma[:, None] * torch.randn(4, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    z = torch.randn(4, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = points[:4] + sigma[:, None] * z
     torch.testing.assert_close(empirical_denoiser(points, x, sigma), points.mean(0).expand(4, -1), rtol=0, atol=1e-5)
 
 
@@ -400,7 +401,8 @@ def test_empirical_teacher_is_an_edm_style_denoiser_with_exact_class_conditionin
     D_c = teacher(x, sigma, class_labels=one_hot(wanted, 10))
     for b in range(4):
         members = digits.labels == wanted[b].item()
-        expected = brute_force_posterior_mean(points[members], x[b : b + 1].double().flatten(1), sigma[b : b + 1].double())
+        x_b, sigma_b = x[b : b + 1].double().flatten(1), sigma[b : b + 1].double()
+        expected = brute_force_posterior_mean(points[members], x_b, sigma_b)
         torch.testing.assert_close(D_c[b], expected.float().reshape(1, 8, 8))
 
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as under --precision bf16: computed in float64 anyway
@@ -472,7 +474,8 @@ def test_fid_pipeline_with_a_stand_in_feature_extractor(tmp_path):
     replay = lambda n: ds.batch([next(cursor) for _ in range(n)])[0]  # generates the dataset itself, in order
     assert abs(fid(replay, ds, num_samples=40, batch_size=16, features=features)) < 1e-6
     darker = lambda n: (ds.batch(range(n))[0] - 0.5).clip(-1, 1)
-    expected = frechet_distance(*feature_statistics([features(to_uint8_rgb(darker(40)))]), *dataset_statistics(ds, features))
+    mu, sigma = feature_statistics([features(to_uint8_rgb(darker(40)))])
+    expected = frechet_distance(mu, sigma, *dataset_statistics(ds, features))
     assert fid(darker, ds, num_samples=40, batch_size=40, features=features) == pytest.approx(expected)
     assert expected > 1
 
