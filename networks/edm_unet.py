@@ -162,13 +162,20 @@ class FourierEmbedding(nn.Module):
         return torch.cat([arg.cos(), arg.sin()], dim=1)
 
 
-def attention_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(qᵀk / √c)·v over positions, with q, k, v: [N, c, L]. Computed in float32 even under autocast,
-    as EDM's AttentionOp does: bf16/fp16 logits lose too much precision."""
-    with torch.autocast(q.device.type, enabled=False):
+def interleaved_qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Multi-head self-attention over the H·W positions of an EDM `qkv` conv output [B, 3C, H, W] -> [B, C, H, W].
+
+    Trap: q, k and v are interleaved per channel, qkv channel (head·c_head + c)·3 + {0: q, 1: k, 2: v}; they are
+    not three contiguous blocks, so no chunk(3) (networks.md §6.1). softmax(qᵀk/√c_head)·v is computed in float32
+    even under autocast, as EDM's AttentionOp does: bf16 logits lose too much precision.
+    """
+    B, C3, H, W = qkv.shape
+    C = C3 // 3
+    q, k, v = qkv.reshape(B * num_heads, C // num_heads, 3, H * W).unbind(2)     # each [B·heads, c_head, HW]
+    with torch.autocast(qkv.device.type, enabled=False):
         a = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float().transpose(1, 2),
-                                           v.float().transpose(1, 2))                       # [N, L, c]
-    return a.transpose(1, 2).to(v.dtype)                                                  # [N, c, L]
+                                           v.float().transpose(1, 2))             # [B·heads, HW, c_head]
+    return a.transpose(1, 2).reshape(B, C, H, W).to(qkv.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -233,12 +240,7 @@ class UNetBlock(nn.Module):
         x = (h + (self.skip(x) if self.skip is not None else x)) * self.skip_scale
 
         if self.num_heads:
-            B, C, H, W = x.shape
-            qkv = self.qkv(self.norm2(x))                                          # [B, 3C, H, W]
-            # Trap: q, k, v are interleaved per channel, index (head·c_head + c)·3 + {0:q, 1:k, 2:v}; they are
-            # not three contiguous blocks, so no chunk(3) (networks.md §6.1).
-            q, k, v = qkv.reshape(B * self.num_heads, C // self.num_heads, 3, H * W).unbind(2)  # [B·heads, c, HW]
-            a = attention_fp32(q, k, v).reshape(B, C, H, W)
+            a = interleaved_qkv_attention(self.qkv(self.norm2(x)), self.num_heads)    # [B, C, H, W]
             x = (self.proj(a) + x) * self.skip_scale
         return x
 
@@ -247,12 +249,15 @@ class UNetBlock(nn.Module):
 # Input checks shared by every network of the project (the shared call signature)
 
 def check_inputs(net: nn.Module, x: torch.Tensor, noise_labels: torch.Tensor, class_labels, noise_labels_s,
-                 augment_labels) -> torch.Tensor | None:
-    """Refuse inputs the network was not built for, with a message that says which; return the class labels.
+                 augment_labels) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Refuse inputs the network was not built for, with a message that says which; return the class labels and
+    the s labels to use.
 
-    `net` must have img_resolution, img_channels, label_dim, augment_dim and s_embedding. A class-conditional
-    network given no labels gets all-zero one-hots: EDM's own wrapper does the same, and it is the "no class"
-    input of a network trained with label dropout.
+    `net` must have img_resolution, img_channels, label_dim, augment_dim and s_embedding. Two defaults:
+    - a class-conditional network given no labels gets all-zero one-hots: EDM's own wrapper does the same, and
+      it is the "no class" input of a network trained with label dropout;
+    - a network with the s-input given no s is queried at s = t, CTM's g(x_t, t, t), the plain denoiser (as
+      networks/mlp.py does), so `algorithms/edm.py`'s denoiser works on a CTM student.
     """
     name = type(net).__name__
     R, C = net.img_resolution, net.img_channels
@@ -274,7 +279,7 @@ def check_inputs(net: nn.Module, x: torch.Tensor, noise_labels: torch.Tensor, cl
             raise ValueError(f"{name} was built without the s-input (s_embedding=False) but noise_labels_s "
                              f"was given; build it with s_embedding=True for CTM")
     elif noise_labels_s is None:
-        raise ValueError(f"{name} was built with s_embedding=True and needs noise_labels_s (CTM's c_noise(s))")
+        noise_labels_s = noise_labels
     elif noise_labels_s.shape != (B,):
         raise ValueError(f"{name}: noise_labels_s must have shape [{B}], got {list(noise_labels_s.shape)}")
     if augment_labels is not None:
@@ -283,7 +288,7 @@ def check_inputs(net: nn.Module, x: torch.Tensor, noise_labels: torch.Tensor, cl
         if augment_labels.shape != (B, net.augment_dim):
             raise ValueError(f"{name}: augment_labels must have shape [{B}, {net.augment_dim}], "
                              f"got {list(augment_labels.shape)}")
-    return class_labels
+    return class_labels, noise_labels_s
 
 
 def _check_resolution(name: str, img_resolution: int, num_levels: int) -> None:
@@ -407,7 +412,8 @@ class SongUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
                 noise_labels_s: torch.Tensor | None = None, augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-        class_labels = check_inputs(self, x, noise_labels, class_labels, noise_labels_s, augment_labels)
+        class_labels, noise_labels_s = check_inputs(self, x, noise_labels, class_labels, noise_labels_s,
+                                                    augment_labels)
         if class_labels is not None and self.training and self.label_dropout:
             class_labels = _drop_labels(class_labels, self.label_dropout)     # the same mask for t and s
         dtype = x.dtype
@@ -513,7 +519,8 @@ class DhariwalUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
                 noise_labels_s: torch.Tensor | None = None, augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-        class_labels = check_inputs(self, x, noise_labels, class_labels, noise_labels_s, augment_labels)
+        class_labels, noise_labels_s = check_inputs(self, x, noise_labels, class_labels, noise_labels_s,
+                                                    augment_labels)
         if class_labels is not None and self.training and self.label_dropout:
             class_labels = _drop_labels(class_labels, self.label_dropout)
         dtype = x.dtype

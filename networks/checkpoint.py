@@ -1,0 +1,308 @@
+"""Loading published teacher weights without running code from the file.
+
+An NVlabs EDM checkpoint (`edm-cifar10-32x32-uncond-vp.pkl`, …; T. Karras et al., arXiv:2206.00364v2, code
+NVlabs/edm) is a plain pickle of {'ema': EDMPrecond, 'loss_fn', 'augment_pipe', 'dataset_kwargs'}. Every network
+object in it is stored by NVlabs' `torch_utils.persistence` as a call `_reconstruct_persistent_obj(meta)`, where
+meta = {type, version, module_src, class_name, state} and `module_src` is the *entire source file* of the class;
+the normal unpickler `exec`s it (shared/papers/edm.md §7.3). A pickle can also call any importable function.
+
+`load_edm_pickle` reads such a file with a restricted unpickler (edm.md §8.1): the persistence call becomes a stub
+that keeps `meta` and never looks at `module_src`; a short allowlist of tensor-rebuilding and container globals
+is served; any other global (`os.system`, `builtins.eval`, a class from the file's own code, …) is refused before
+it is called, with an error that names it. The weights are then read out of the object tree under the exact
+`state_dict()` names, and our own SongUNet / DhariwalUNet is built from the recorded constructor arguments and
+loaded with `strict=True`.
+
+`load_state_dict_file` reads a plain `.pt` state dict with `torch.load(weights_only=True)`, also fail-closed.
+`load_teacher_into_student` copies a teacher's weights into a network built with `s_embedding=True`, checking that
+the only keys it lacks are the s-input's (CTM's student initialisation; networks.md §7).
+
+Every problem is raised as `CheckpointError` with the file's path and what is wrong with it.
+"""
+import dataclasses
+import inspect
+import io
+import pickle
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from networks.edm_unet import DhariwalUNet, SongUNet
+
+NETWORK_CLASSES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The restricted unpickler
+
+class _Persistent:
+    """Stands in for one object of NVlabs' persistence layout. Holds `meta`; its `module_src` is never read."""
+
+    def __init__(self, meta):
+        self.meta = meta
+
+
+class _Container:
+    """Stands in for a plain torch.nn container (ModuleDict, ...), pickled by torch's ordinary reduction; keeps the
+    pickled `__dict__` as `state` instead of building the real class."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _AttrDict(dict):
+    """Stands in for dnnlib.util.EasyDict (a dict with attribute access), without importing dnnlib."""
+
+
+def _storage_from_bytes(data: bytes):
+    # A tensor's storage inside a plain pickle is a nested torch.save blob; read it under torch's own allowlist.
+    if not isinstance(data, bytes):
+        raise pickle.UnpicklingError("a storage record does not hold bytes")
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def _numpy_scalar(dtype, data):
+    # EDM's constructors store a few numpy floats (e.g. skip_scale = np.sqrt(0.5)); rebuild them as Python
+    # numbers. numpy's own reconstructor also accepts object dtypes, so it is not served directly.
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or not isinstance(data, bytes):
+        raise pickle.UnpicklingError(f"refused numpy scalar of dtype {dtype!r}")
+    return np.frombuffer(data, dtype=dtype, count=1)[0].item()
+
+
+_ALLOWED = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent,
+    ("dnnlib.util", "EasyDict"): _AttrDict,
+    ("torch.nn.modules.container", "ModuleDict"): _Container,
+    ("torch.nn.modules.container", "ModuleList"): _Container,
+    ("torch.nn.modules.container", "Sequential"): _Container,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}: not part of an EDM network pickle") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refused persistent id: not part of an EDM network pickle")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading the object tree
+
+def _state(node, where: str) -> dict:
+    state = node.meta.get("state") if isinstance(node, _Persistent) else getattr(node, "state", None)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: object has no state dict")
+    return state
+
+
+def _mapping(state: dict, key: str, where: str) -> Mapping:
+    value = state.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"{where}: {key} is a {type(value).__name__}, not a mapping")
+    return value
+
+
+def _flat_state_dict(node, prefix: str, where: str) -> dict:
+    """The `state_dict()` of a pickled module tree: parameters, persistent buffers, then children, recursively."""
+    state = _state(node, where)
+    skip = state.get("_non_persistent_buffers_set") or set()
+    if not isinstance(skip, (set, frozenset)):
+        raise CheckpointError(f"{where}: _non_persistent_buffers_set is a {type(skip).__name__}")
+    out = {}
+    for group in ("_parameters", "_buffers"):
+        for name, t in _mapping(state, group, where).items():
+            if t is None or name in skip:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise CheckpointError(f"{where}: {prefix}{name} is a {type(t).__name__}, not a tensor")
+            out[prefix + name] = t
+    for name, child in _mapping(state, "_modules", where).items():
+        if child is None:
+            continue
+        if not isinstance(child, (_Persistent, _Container)):
+            raise CheckpointError(f"{where}: module {prefix}{name} is a {type(child).__name__}")
+        out.update(_flat_state_dict(child, f"{prefix}{name}.", where))
+    return out
+
+
+def _check_persistent(node, class_names, where: str) -> dict:
+    if not isinstance(node, _Persistent) or not isinstance(node.meta, dict):
+        raise CheckpointError(f"{where}: not an object in NVlabs' persistence layout")
+    meta = node.meta
+    if meta.get("type") != "class" or meta.get("version") != 6:
+        raise CheckpointError(f"{where}: persistence record of type {meta.get('type')!r}, version "
+                              f"{meta.get('version')!r}; only type 'class', version 6 (NVlabs/edm) is understood")
+    if meta.get("class_name") not in class_names:
+        raise CheckpointError(f"{where}: holds a {meta.get('class_name')!r}, expected one of {sorted(class_names)}")
+    return _state(node, where)
+
+
+@dataclasses.dataclass
+class EDMCheckpoint:
+    """What an EDM pickle holds, in our terms.
+
+    net: our SongUNet or DhariwalUNet with the EMA weights, in eval mode with requires_grad off, as stored.
+    net_kwargs: its constructor arguments (EDM's names), so `type(net)(**net_kwargs)` rebuilds it; add
+        `s_embedding=True` for a CTM student.
+    precond: EDMPrecond's settings (sigma_data, sigma_min, sigma_max, use_fp16, img_resolution, img_channels,
+        label_dim); c_skip, c_out, c_in, c_noise themselves are `algorithms/edm.py`'s.
+    """
+    net: nn.Module
+    net_kwargs: dict
+    precond: dict
+
+
+def _unpickle(path: Path):
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    if data[:4] == b"PK\x03\x04":
+        raise CheckpointError(f"{path}: a zip archive (torch.save format), not an EDM .pkl; for a state dict "
+                              f"use networks.checkpoint.load_state_dict_file")
+    if not data.startswith(b"\x80"):
+        raise CheckpointError(f"{path}: not a pickle (it starts with {data[:8]!r})")
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except EOFError:
+        raise CheckpointError(f"{path}: truncated (the pickle ends before its STOP opcode)") from None
+    except Exception as e:  # malformed opcodes or arguments surface as many exception types
+        raise CheckpointError(f"{path}: malformed pickle ({type(e).__name__}: {e})") from None
+
+
+def _network_kwargs(cls, state: dict, where: str) -> dict:
+    args, kwargs = state.get("_init_args", ()), state.get("_init_kwargs")
+    if args or not isinstance(kwargs, dict):
+        raise CheckpointError(f"{where}: the network's constructor arguments (_init_kwargs) are missing")
+    accepted = set(inspect.signature(cls).parameters) - {"s_embedding"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise CheckpointError(f"{where}: {cls.__name__} arguments {unknown} are not supported by networks/edm_unet.py")
+    return dict(kwargs)
+
+
+def load_edm_pickle(path) -> EDMCheckpoint:
+    """Read an NVlabs EDM `.pkl` without executing anything from it; return our network with its EMA weights.
+
+    Only EDMPrecond checkpoints are accepted (`edm-*.pkl`): the `baseline-*` ones use VP/VE preconditioning, whose
+    networks expect a different c_noise than EDM's ln(σ)/4, which every network here is called with.
+    """
+    path = Path(path)
+    data = _unpickle(path)
+    if not isinstance(data, dict) or "ema" not in data:
+        found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"{path}: not an EDM network pickle (expected a dict with 'ema', found {found})")
+    ema = data["ema"]
+    if isinstance(ema, _Persistent) and isinstance(ema.meta, dict) and ema.meta.get("class_name") in (
+            "VPPrecond", "VEPrecond", "iDDPMPrecond"):
+        raise CheckpointError(f"{path}: holds a {ema.meta['class_name']} network (an EDM baseline); only "
+                              f"EDMPrecond checkpoints match the c_noise = ln(σ)/4 these networks are called with")
+    pre = _check_persistent(ema, {"EDMPrecond"}, f"{path}: 'ema'")
+    model = _mapping(pre, "_modules", f"{path}: 'ema'").get("model")
+    where = f"{path}: 'ema.model'"
+    state = _check_persistent(model, set(NETWORK_CLASSES), where)
+    cls = NETWORK_CLASSES[model.meta["class_name"]]
+    kwargs = _network_kwargs(cls, state, where)
+    state_dict = _flat_state_dict(model, "", where)
+
+    try:
+        net = cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: cannot build {cls.__name__}(**{kwargs}): {e}") from None
+    _load_strict(net, state_dict, where)
+    precond = {k: pre[k] for k in ("sigma_data", "sigma_min", "sigma_max", "use_fp16", "img_resolution",
+                                   "img_channels", "label_dim") if k in pre}
+    return EDMCheckpoint(net.eval().requires_grad_(False), kwargs, precond)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plain state dicts and teacher -> student
+
+def _load_strict(net: nn.Module, state_dict: Mapping, where: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k} {tuple(v.shape)} (expected {expected[k]})" for k, v in state_dict.items()
+             if k in expected and tuple(v.shape) != expected[k]]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{where}: does not match {type(net).__name__}: {len(missing)} missing keys "
+                              f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, {len(wrong)} of wrong "
+                              f"shape {wrong[:5]}")
+    net.load_state_dict(state_dict, strict=True)
+
+
+def read_state_dict_file(path) -> dict:
+    """A `.pt` file holding a flat {name: tensor} dict, read with torch.load(weights_only=True). A leading
+    `model.` on every key (an EDMPrecond's state_dict, or algorithms/edm.py's Denoiser) is removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True), so it holds more than tensors "
+                              f"(an EDM .pkl? use load_edm_pickle): {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable torch.save file, truncated or foreign "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in obj.items()):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a flat state dict of tensors")
+    if obj and all(k.startswith("model.") for k in obj):
+        obj = {k[len("model."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def load_state_dict_file(path, net: nn.Module) -> nn.Module:
+    """Load a plain `.pt` state dict into `net` with strict key and shape checks; returns `net`."""
+    _load_strict(net, read_state_dict_file(path), str(path))
+    return net
+
+
+def is_s_key(key: str) -> bool:
+    """Whether a state_dict key belongs to CTM's s-input: every such module or parameter name ends in `_s`."""
+    return any(part.endswith("_s") for part in key.split("."))
+
+
+def load_teacher_into_student(student: nn.Module, teacher) -> None:
+    """Copy a teacher's weights (a module or its state_dict) into a student built with `s_embedding=True`.
+
+    Every key of the teacher must exist in the student with the same shape; the student may lack none but its
+    s-input keys, which keep their initialisation. In the UNets the per-block `affine_s` is zero there, so the
+    student then computes exactly the teacher's function for every s.
+    """
+    state = teacher.state_dict() if isinstance(teacher, nn.Module) else teacher
+    expected = student.state_dict()
+    missing = [k for k in expected if k not in state and not is_s_key(k)]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"teacher -> {type(student).__name__}: missing non-s keys {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}, wrong shapes {wrong[:5]} (build the student with the teacher's "
+                              f"constructor arguments plus s_embedding=True)")
+    student.load_state_dict(state, strict=False)
