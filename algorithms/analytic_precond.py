@@ -81,29 +81,24 @@ def jvp(fn, primals, tangents):
         return fn(*primals), (plus - minus) / (2 * h)
 
 
-def _noisy(x0, t, generator):
-    return x0 + t * torch.randn(x0.shape, dtype=x0.dtype, generator=generator)   # [R] §3.6 step 2: x_t ~ q_t
-
-
 @torch.no_grad()
-def estimate_ell(cfg, teacher, x0, labels=None, generator=None):
+def estimate_ell(cfg, teacher, x0, z, v, labels=None):
     """[R] Eq. 15 (§3.5): ℓ_t = E_{q_t} tr(∇_x D_φ(x_t, t)) / d, by Hutchinson vᵀ(∇_x D_φ)v with Rademacher v."""
     ts = (-lambda_grid(cfg)).exp()
     ell = torch.zeros_like(ts)
     for j, t in enumerate(ts.tolist()):
         acc = 0.0
-        for x0_b, y_b in _batches(cfg, x0, labels):
-            x = _noisy(x0_b, t, generator)
+        for x0_b, z_b, v_b, y_b in _batches(cfg, x0, z, v, labels):
+            x = x0_b + t * z_b                                                      # [R] §3.6 step 2: x_t ~ q_t
             sigma = torch.full((x.shape[0],), t, dtype=x.dtype)
-            v = torch.randint(0, 2, x.shape, generator=generator).to(x.dtype) * 2 - 1   # [R] §3.6 step 3
-            _, Jv = jvp(lambda z: teacher(z, sigma, y_b), (x,), (v,))
-            acc += (v * Jv).to(torch.float64).sum().item()                           # Σ vᵀ J v
-        ell[j] = acc / x0[0].numel() / x0.shape[0]                                   # Eq. 15: / (K·d)
+            _, Jv = jvp(lambda x_: teacher(x_, sigma, y_b), (x,), (v_b,))
+            acc += (v_b * Jv).to(torch.float64).sum().item()                       # [R] §3.6 step 3: Σ vᵀ J v
+        ell[j] = acc / x0.numel()                                                   # Eq. 15: / (K·d)
     return ell
 
 
 @torch.no_grad()
-def estimate_kappa(cfg, teacher, x0, ell, labels=None, generator=None):
+def estimate_kappa(cfg, teacher, x0, z, ell, labels=None):
     """[R] Eq. 17 (§3.5): κ_t = E⟨N_φ, N_φ^{(1)}⟩ / E‖N_φ‖², the least-squares fit of dN_φ/dλ by κ·N_φ.
 
     The total derivative along the teacher ODE is one JVP of (x, t) ↦ D_φ along (dx/dλ, dt/dλ) = (D_φ − x, −t)."""
@@ -112,11 +107,11 @@ def estimate_kappa(cfg, teacher, x0, ell, labels=None, generator=None):
     kappa = torch.zeros_like(ell)
     for j, t in enumerate((-lam).exp().tolist()):
         num = den = 0.0
-        for x0_b, y_b in _batches(cfg, x0, labels):
-            x = _noisy(x0_b, t, generator)
+        for x0_b, z_b, _, y_b in _batches(cfg, x0, z, z, labels):
+            x = x0_b + t * z_b
             sigma = torch.full((x.shape[0],), t, dtype=x.dtype)
             D = teacher(x, sigma, y_b)
-            _, D1 = jvp(lambda z, s_: teacher(z, s_, y_b), (x, sigma), (D - x, -sigma))  # D_φ^{(1)} = dD_φ/dλ
+            _, D1 = jvp(lambda x_, s_: teacher(x_, s_, y_b), (x, sigma), (D - x, -sigma))  # D_φ^{(1)} = dD_φ/dλ
             N = (D - ell[j] * x).to(torch.float64)                                     # [R] §3.3: N_φ = D_φ − ℓx
             N1 = (D1 - dell[j] * x - ell[j] * (D - x)).to(torch.float64)               # [R] §3.5: N_φ^{(1)}
             num, den = num + (N * N1).sum().item(), den + N.square().sum().item()
@@ -124,15 +119,25 @@ def estimate_kappa(cfg, teacher, x0, ell, labels=None, generator=None):
     return kappa
 
 
-def _batches(cfg, x0, labels):
+def _batches(cfg, x0, z, v, labels):
     for i in range(0, x0.shape[0], cfg.batch_size):
-        yield x0[i:i + cfg.batch_size], None if labels is None else labels[i:i + cfg.batch_size]
+        b = slice(i, i + cfg.batch_size)
+        yield x0[b], z[b], v[b], None if labels is None else labels[b]
 
 
 def compute_stats(cfg, teacher, x0, labels=None, generator=None):
-    """Both statistics for one teacher from data samples x0 [K, ...] (and their labels); once per teacher."""
-    ell = estimate_ell(cfg, teacher, x0, labels, generator)
-    kappa = estimate_kappa(cfg, teacher, x0, ell, labels, generator)
+    """Both statistics for one teacher from cfg.num_samples data samples x0 [K, ...] (and their labels).
+
+    The same noise z and probes v serve every grid time (common random numbers): ℓ_j is then a smooth function
+    of t and its finite difference ℓ' in κ is not swamped by Monte Carlo noise."""
+    if x0.shape[0] < cfg.num_samples:
+        raise ValueError(f"compute_stats needs cfg.num_samples={cfg.num_samples} samples, got {x0.shape[0]}")
+    x0 = x0[:cfg.num_samples]
+    labels = None if labels is None else labels[:cfg.num_samples]
+    z = torch.randn(x0.shape, dtype=x0.dtype, generator=generator)
+    v = torch.randint(0, 2, x0.shape, generator=generator).to(x0.dtype) * 2 - 1   # [R] §3.6: Rademacher probes
+    ell = estimate_ell(cfg, teacher, x0, z, v, labels)
+    kappa = estimate_kappa(cfg, teacher, x0, z, ell, labels)
     return Stats(lambda_grid(cfg), ell, kappa, cfg.sigma_data, cfg.backward_anchor,
                  _fingerprint(teacher, x0[:4], None if labels is None else labels[:4]))
 
