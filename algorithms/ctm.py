@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from algorithms import edm
+from algorithms import analytic_precond, edm
 from algorithms.edm import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, bcast, sigma_grid
 
 
@@ -100,7 +100,6 @@ def G(net, x, t, s, labels=None, sigma_data=SIGMA_DATA, precond=None):
     if precond is None:
         r = (bcast64(s, x) / bcast64(t, x)).to(x.dtype)               # s/t, exactly 1 when s = t
         return r * x + (1 - r) * g(net, x, t, s, labels, sigma_data)  # §1: G_θ = (s/t)x_t + (1 − s/t)g_θ
-    from algorithms import analytic_precond  # imported here: CTM's own preconditioning does not need it
     t64, s64 = bcast64(t, x).flatten(), bcast64(s, x).flatten()
     beta, alpha = analytic_precond.coefficients(precond, t64, s64)    # analytic_precond.md §3.3, §4.2
     beta, alpha = bcast64(beta, x).to(x.dtype), bcast64(alpha, x).to(x.dtype)

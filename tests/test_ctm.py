@@ -1,15 +1,17 @@
-"""Tests for algorithms/ctm.py, named after the properties of CTM (Kim et al., arXiv:2310.02279v3) that ctm.md
-§12 lists. Ground truth: Gaussian data N(0, σ_d²I), whose PF-ODE jump is G(x,t,s) = sqrt((s²+σ_d²)/(t²+σ_d²))·x,
+"""Tests for algorithms/ctm.py, named after the properties of CTM (Kim et al., arXiv:2310.02279v3) listed in
+ctm.md §12. Ground truth: Gaussian data N(0, σ_d²I), whose PF-ODE jump is G(x,t,s) = sqrt((s²+σ_d²)/(t²+σ_d²))·x,
 and the exact toy denoisers of data/toy.py."""
 import copy
+import functools
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from algorithms import ctm, edm
+from algorithms import analytic_precond, ctm, edm
 from algorithms.edm import SIGMA_DATA as sd, SIGMA_MAX, SIGMA_MIN
 from data import toy
 from networks.mlp import MLP
@@ -21,6 +23,34 @@ sigmas = st.floats(SIGMA_MIN, SIGMA_MAX)
 def ctm_beta_alpha(t, s):
     """CTM's combined coefficients G_θ = β·x_t + α·NN_θ, ctm.md §1 (written out independently of ctm.py)."""
     return (sd**2 + s * t) / (sd**2 + t**2), sd * (t - s) / (sd**2 + t**2).sqrt()
+
+
+@functools.lru_cache
+def preconditioning(name):
+    """The `precond` argument: None (CTM's own β, α); Analytic-Precond with ℓ ≡ κ ≡ 0 (CTM again,
+    analytic_precond.md §3.8); with ℓ and κ fitted to the exact ring8 teacher on a small budget (30 λ-intervals,
+    256 samples); with that ℓ and κ ≡ 0. The small fit's κ makes α reach ~1e28 for some grid pairs, too
+    ill-conditioned for the exact-network tests below, which therefore use the last three only."""
+    if name == "ctm":
+        return None
+    cfg = analytic_precond.Config(num_intervals=30, num_samples=256)
+    lam = analytic_precond.lambda_grid(cfg)
+    if name == "analytic_zero":
+        return analytic_precond.Stats(lam, torch.zeros_like(lam), torch.zeros_like(lam))
+    x0 = toy.ring8().sample(256, torch.Generator().manual_seed(0))[0]
+    fit = analytic_precond.compute_stats(cfg, toy.ring8().denoiser, x0, generator=torch.Generator().manual_seed(1))
+    return fit if name == "analytic_ring8" else analytic_precond.Stats(lam, fit.ell, torch.zeros_like(lam))
+
+
+PRECONDS = ["ctm", "analytic_zero", "analytic_ring8_ell"]
+
+
+def beta_alpha(name):
+    """β(t,s), α(t,s) of a preconditioning for [B, 1] float64 t, s."""
+    if name == "ctm":
+        return ctm_beta_alpha
+    stats = preconditioning(name)
+    return lambda t, s: tuple(c[:, None] for c in analytic_precond.coefficients(stats, t.flatten(), s.flatten()))
 
 
 def gaussian_jump(t, s):
@@ -67,12 +97,13 @@ def random_mlp(seed):
 
 # ---- the jumper (ctm.md §1) ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("name", PRECONDS + ["analytic_ring8"])
 @settings(max_examples=50, deadline=None)
 @given(t=sigmas, value=st.floats(-1e30, 1e30), scale=st.floats(1e-3, 1e4), seed=st.integers(0, 2**16))
-def test_ctm_jump_is_identity_when_s_equals_t(t, value, scale, seed):
+def test_ctm_jump_is_identity_when_s_equals_t(name, t, value, scale, seed):
     x = scale * torch.randn(5, 2, dtype=f64, generator=torch.Generator().manual_seed(seed))
     net = lambda x_in, c_t, labels=None, noise_labels_s=None: torch.full_like(x_in, value)  # any output
-    assert torch.equal(ctm.G(net, x, t, t), x)
+    assert torch.equal(ctm.G(net, x, t, t, precond=preconditioning(name)), x)
 
 
 @settings(max_examples=50, deadline=None)
@@ -84,6 +115,23 @@ def test_ctm_jumper_has_combined_coefficients_beta_alpha(t, frac, seed):
     beta, alpha = ctm_beta_alpha(torch.tensor(t, dtype=f64), torch.tensor(s, dtype=f64))
     expected = beta * x + alpha * ctm.F(net, x, t, s)
     torch.testing.assert_close(ctm.G(net, x, t, s), expected, rtol=1e-12, atol=1e-12)
+    zero = preconditioning("analytic_zero")                  # ℓ ≡ κ ≡ 0: Analytic-Precond reduces to CTM
+    torch.testing.assert_close(ctm.G(net, x, t, s, precond=zero), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_analytic_precond_makes_a_zero_network_the_exact_gaussian_jump_where_ctm_gives_ddim():
+    """Gaussian data: ℓ_t = c_skip(t) exactly and κ ≡ 0 (analytic_precond.md §3.8), so with F_θ ≡ 0 the
+    Analytic-Precond jumper is the exact jump up to the λ-grid quadrature, while CTM's is a first-order DDIM step
+    with the exact denoiser, exact only as s → t (ctm.md §12). Tolerance: the Analytic-Precond integrals are
+    trapezoid sums over a 121-point λ-grid (relative error ~1e-3 for ℓ = c_skip); CTM's errors are 2–99 %."""
+    lam = analytic_precond.lambda_grid(analytic_precond.Config())
+    stats = analytic_precond.Stats(lam, edm.precond((-lam).exp())[0], torch.zeros_like(lam))
+    zero_net = lambda x_in, c_t, labels=None, noise_labels_s=None: torch.zeros_like(x_in)
+    x = torch.randn(16, 2, dtype=f64, generator=torch.Generator().manual_seed(0))
+    for t, s in [(80.0, 2.5), (10.0, 0.5), (2.5, 0.002), (0.5, 0.1)]:
+        exact = float(gaussian_jump(torch.tensor(t), torch.tensor(s))) * x
+        err = lambda precond: float((ctm.G(zero_net, x, t, s, precond=precond) - exact).abs().max())
+        assert err(stats) < 1e-2 * float(exact.abs().max()) and 10 * err(stats) < err(None)
 
 
 # ---- (t, u, s) sampler (ctm.md §5) ------------------------------------------------------------------------------
@@ -127,14 +175,15 @@ def draw(cfg, B, seed):
     return grid, n, k, m, x0 + grid[n][:, None] * torch.randn(B, 2, dtype=f64, generator=g)
 
 
-def test_ctm_loss_is_zero_up_to_solver_error_for_the_exact_jumper():
+@pytest.mark.parametrize("name", PRECONDS)
+def test_ctm_loss_is_zero_up_to_solver_error_for_the_exact_jumper(name):
     """With G_θ = G_θ⁻ = the exact Gaussian jump, x_est is the exact ODE solution at σ_min and x_target differs only
     by the teacher's Heun error e at u, carried exactly to σ_min: L = gaussian_jump(u, σ_min)²·‖e‖²."""
-    cfg, net = ctm.Config(use_dsm=False), ExactGaussianNet()
-    teacher = toy.gaussian(std=sd).denoiser
+    cfg, net = ctm.Config(use_dsm=False), ExactGaussianNet(beta_alpha(name))
+    teacher, precond = toy.gaussian(std=sd).denoiser, preconditioning(name)
     for seed in range(10):
         grid, n, k, m, x_t = draw(cfg, 256, seed)
-        L = ctm.ctm_distance(cfg, net, net, teacher, x_t, n, k, m)
+        L = ctm.ctm_distance(cfg, net, net, teacher, x_t, n, k, m, precond=precond)
         t, u = grid[n][:, None], grid[n + k][:, None]
         e = ctm.teacher_solver(teacher, x_t, grid, n, k) - gaussian_jump(t, u) * x_t   # Heun error at u
         expected = (gaussian_jump(u, SIGMA_MIN) ** 2 * e.square()).sum(1)
@@ -142,16 +191,18 @@ def test_ctm_loss_is_zero_up_to_solver_error_for_the_exact_jumper():
         assert float(L.detach().max()) < 1e-4 * float(x_t.square().sum(1).max())
 
 
-def test_ctm_gradient_flows_only_through_the_inner_call():
+@pytest.mark.parametrize("name", PRECONDS)
+def test_ctm_gradient_flows_only_through_the_inner_call(name):
     """Online w, EMA w⁻ and the teacher's scale all require grad. Only w may get a gradient, and it must be the
     gradient through the estimate's inner call G_θ(x_t,t,s) *and* through the frozen outer θ⁻ call's input."""
-    cfg = ctm.Config(use_dsm=False)
-    net, net_ema, teacher = ExactGaussianNet(w=0.3), ExactGaussianNet(w=-0.2), ScaledDenoiser()
+    cfg, precond = ctm.Config(use_dsm=False), preconditioning(name)
+    net, net_ema = ExactGaussianNet(beta_alpha(name), w=0.3), ExactGaussianNet(beta_alpha(name), w=-0.2)
+    teacher = ScaledDenoiser()
     grid, n, k, m, x_t = draw(cfg, 128, seed=3)
-    ctm.ctm_distance(cfg, net, net_ema, teacher, x_t, n, k, m).sum().backward()
+    ctm.ctm_distance(cfg, net, net_ema, teacher, x_t, n, k, m, precond=precond).sum().backward()
     assert net_ema.w.grad is None and teacher.scale.grad is None
     t, u, s = (grid[i][:, None] for i in (n, n + k, m))
-    a = lambda t_, s_: sd * (t_ - s_) / (sd**2 + t_**2)                 # dG/dw / x_t = α(t,s)·c_in(t)
+    a = lambda t_, s_: beta_alpha(name)(t_, s_ + 0 * t_)[1] / (sd**2 + t_**2).sqrt()   # dG/dw / x_t = α·c_in(t)
     A = gaussian_jump(s, SIGMA_MIN) + (-0.2) * a(s, SIGMA_MIN)          # the outer θ⁻ jump s → σ_min, linear
     x_u = ctm.teacher_solver(teacher, x_t, grid, n, k)
     est = A * (gaussian_jump(t, s) + 0.3 * a(t, s)) * x_t
