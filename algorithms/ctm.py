@@ -19,7 +19,8 @@ takes β, α from `algorithms.analytic_precond.coefficients` (analytic_precond.m
 denoiser g_θ, hence the DSM term, is the same under both.
 
 Not here: CTM's GAN loss (§7). It is out of scope; Analytic-Precond's CTM experiments run without it
-(analytic_precond.md §4.2). LPIPS (§4.1) is not implemented either: `l2` and `pseudo_huber` are the distances.
+(analytic_precond.md §4.2). LPIPS (§4.1) is not implemented either (it needs ImageNet VGG weights); the
+distances are squared L2, L2 and pseudo-Huber.
 
 | code                    | paper / ctm.md                                   |
 |-------------------------|--------------------------------------------------|
@@ -34,7 +35,6 @@ Not here: CTM's GAN loss (§7). It is out of scope; Analytic-Precond's CTM exper
 """
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -42,16 +42,25 @@ from algorithms import analytic_precond, edm
 from algorithms.edm import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, bcast, sigma_grid
 
 
-def l2(x, y):
-    """Squared L2 distance per example, ‖x − y‖² summed over the non-batch dimensions."""
-    return (x - y).square().flatten(1).sum(1)
+# Distances d(a, b) per example, with the same names and conventions as algorithms/cd.py, so that one
+# `--distance` flag serves both.
+def squared_l2(a, b, cfg):
+    """Mean over the non-batch dimensions of (a − b)² (CM's "l2": a mean, not a sum)."""
+    return (a - b).square().flatten(1).mean(1)
 
 
-def pseudo_huber(x, y, c=None):
-    """Pseudo-Huber distance sqrt(‖x − y‖² + c²) − c per example, with iCT's c = 0.00054·sqrt(d) by default
-    (Song & Dhariwal, arXiv:2310.14189v1, Sec. 3.3)."""
-    c = 0.00054 * math.sqrt(x[0].numel()) if c is None else c
-    return (l2(x, y) + c**2).sqrt() - c
+def l2(a, b, cfg):
+    """The Euclidean distance ‖a − b‖₂ (not squared)."""
+    return (a - b).flatten(1).norm(dim=1)
+
+
+def pseudo_huber(a, b, cfg):
+    """iCT's pseudo-Huber sqrt(‖a − b‖² + c²) − c with c = huber_c·sqrt(d) (arXiv:2310.14189v1, Sec. 3.3)."""
+    c = cfg.huber_c * math.sqrt(a[0].numel())
+    return ((a - b).flatten(1).square().sum(1) + c**2).sqrt() - c
+
+
+DISTANCES = {"squared_l2": squared_l2, "l2": l2, "pseudo_huber": pseudo_huber}
 
 
 @dataclass
@@ -63,7 +72,8 @@ class Config:
     N: int = 18                        # §5: grid size for CIFAR-10 (40 for ImageNet-64)
     K_max: int = 17                    # §5: num_heun_step = N − 1 for CIFAR-10
     mu: float = 0.999                  # §8: target EMA θ⁻ ← μθ⁻ + (1−μ)θ, "start_ema"
-    distance: Callable = l2            # §4.1 uses LPIPS on images (not implemented); l2 or pseudo_huber here
+    distance: str = "squared_l2"       # §4.1 uses LPIPS on images (not implemented); a key of DISTANCES here
+    huber_c: float = 0.00054           # pseudo-Huber c = 0.00054·sqrt(d) (iCT, arXiv:2310.14189v1 Sec. 3.3)
     use_dsm: bool = True               # §6: the DSM term is on by default
     dsm_weight: float = 1.0            # §6: denoising_weight, multiplied by the adaptive balance
     P_mean: float = -1.2               # §6: lognormal half of the DSM σ sampler
@@ -154,7 +164,7 @@ def ctm_distance(cfg, net, net_ema, teacher, x_t, n, k, m, labels=None, precond=
         x_target = jump(net_ema, y_target, s, cfg.sigma_min)                          # θ⁻, jump to σ_min
     y_est = jump(net, x_t, t, s)                                                      # §4.2 step 4: online θ
     x_est = jump(frozen(net_ema), y_est, s, cfg.sigma_min)                            # θ⁻ frozen, grad via input
-    return cfg.distance(x_est, x_target)                                              # §4.2 step 5, w ≡ 1
+    return DISTANCES[cfg.distance](x_est, x_target, cfg)                             # §4.2 step 5, w ≡ 1
 
 
 def dsm_sigma(cfg, B, generator=None, device=None):

@@ -178,7 +178,7 @@ def draw(cfg, B, seed):
 @pytest.mark.parametrize("name", PRECONDS)
 def test_ctm_loss_is_zero_up_to_solver_error_for_the_exact_jumper(name):
     """With G_θ = G_θ⁻ = the exact Gaussian jump, x_est is the exact ODE solution at σ_min and x_target differs only
-    by the teacher's Heun error e at u, carried exactly to σ_min: L = gaussian_jump(u, σ_min)²·‖e‖²."""
+    by the teacher's Heun error e at u, carried exactly to σ_min: L = gaussian_jump(u, σ_min)²·mean(e²)."""
     cfg, net = ctm.Config(use_dsm=False), ExactGaussianNet(beta_alpha(name))
     teacher, precond = toy.gaussian(std=sd).denoiser, preconditioning(name)
     for seed in range(10):
@@ -186,7 +186,7 @@ def test_ctm_loss_is_zero_up_to_solver_error_for_the_exact_jumper(name):
         L = ctm.ctm_distance(cfg, net, net, teacher, x_t, n, k, m, precond=precond)
         t, u = grid[n][:, None], grid[n + k][:, None]
         e = ctm.teacher_solver(teacher, x_t, grid, n, k) - gaussian_jump(t, u) * x_t   # Heun error at u
-        expected = (gaussian_jump(u, SIGMA_MIN) ** 2 * e.square()).sum(1)
+        expected = (gaussian_jump(u, SIGMA_MIN) ** 2 * e.square()).mean(1)             # squared_l2: a mean
         torch.testing.assert_close(L, expected, rtol=1e-8, atol=1e-18)
         assert float(L.detach().max()) < 1e-4 * float(x_t.square().sum(1).max())
 
@@ -207,7 +207,7 @@ def test_ctm_gradient_flows_only_through_the_inner_call(name):
     x_u = ctm.teacher_solver(teacher, x_t, grid, n, k)
     est = A * (gaussian_jump(t, s) + 0.3 * a(t, s)) * x_t
     tgt = A * (gaussian_jump(u, s) + 0.3 * a(u, s)) * x_u
-    expected = (2 * (est - tgt) * A * a(t, s) * x_t).sum()              # d/dw of ‖est − sg(tgt)‖²
+    expected = (2 * (est - tgt) * A * a(t, s) * x_t).mean(1).sum()      # d/dw of mean_dims (est − sg(tgt))²
     torch.testing.assert_close(net.w.grad, expected, rtol=1e-10, atol=0.0)
 
 
