@@ -147,20 +147,21 @@ def test_addim_sampler_matches_the_closed_form_on_gaussian_data():
         for x_var in (cfg.eta * post, addim.x_var_analytic(sig[:-1]), torch.zeros(N, dtype=f64)):
             x0 = addim.sample(cfg, data.denoiser, noise, num_steps=N, x_var=x_var)
             R0 = radial_closed_form(noise.norm(dim=1) * sig[0], sig, std, d, x_var)
-            torch.testing.assert_close(x0, noise / noise.norm(dim=1, keepdim=True) * R0[:, None], rtol=1e-10, atol=1e-12)
+            direction = noise / noise.norm(dim=1, keepdim=True)
+            torch.testing.assert_close(x0, direction * R0[:, None], rtol=1e-10, atol=1e-12)
         # DDIM on Gaussian data is linear: x_0 = σ_max Π_i (k_i + (σ_{i+1}/σ_i)(1 − k_i)) · noise.
         k = std**2 / (std**2 + sig[:-1] ** 2)
         gain = sig[0] * (k + sig[1:] / sig[:-1] * (1 - k)).prod()
-        torch.testing.assert_close(addim.sample(cfg, data.denoiser, noise, num_steps=N, x_var=torch.zeros(N, dtype=f64)),
-                                   gain * noise, rtol=1e-10, atol=1e-12)
+        x0 = addim.sample(cfg, data.denoiser, noise, num_steps=N, x_var=torch.zeros(N, dtype=f64))
+        torch.testing.assert_close(x0, gain * noise, rtol=1e-10, atol=1e-12)
 
 
-def test_addim_variance_is_closer_to_the_data_than_ddims_on_gaussian_data():
+def test_addim_corrects_ddims_variance_deficit_on_gaussian_data():
     """Closed-form E‖x_0‖²/d (quadrature over the χ_2 law of ‖noise‖) for N = 2..8 steps on N(0, 0.25 I).
 
-    DDIM under-disperses (Eqs. 12–13). aDDIM with the analytic 0.1/(2 + SNR) lands between DDIM and the data at every
-    N; with the empirical η = 0.75 it is closer than DDIM at N = 2 but over-disperses: here x̂ ∥ ε̂, so the extra norm of
-    Eq. 14 adds linearly instead of in quadrature (Eq. 14 assumes x̂ ⟂ ε̂)."""
+    DDIM under-disperses (Eqs. 12–13). aDDIM with the analytic 0.1/(2 + SNR) lands between DDIM and the data at
+    every N, so it is closer. With the empirical η = 0.75 it is closer than DDIM at N = 2 but over-disperses: here
+    x̂ ∥ ε̂, so the extra norm of Eq. 14 adds linearly instead of in quadrature (Eq. 14 assumes x̂ ⟂ ε̂)."""
     std, d = 0.5, 2
     r = torch.linspace(0, 12, 20_001, dtype=f64)[1:]
     pdf = r * torch.exp(-r**2 / 2)                                                          # χ_2 density

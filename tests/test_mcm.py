@@ -15,8 +15,8 @@ f64 = torch.float64
 
 
 class DenoiserAsNet(nn.Module):
-    """A raw network F whose EDM-preconditioned D_θ (edm.denoise) is exactly the given denoiser: F = (D − c_skip x)/c_out.
-    It makes `f = the teacher` in the Alg. 2 check."""
+    """A raw network F whose EDM-preconditioned D_θ (edm.denoise) is exactly the given denoiser,
+    F = (D − c_skip x)/c_out. It makes `f = the teacher` in the Alg. 2 check."""
 
     def __init__(self, D, sigma_data=edm.SIGMA_DATA):
         super().__init__()
