@@ -126,9 +126,10 @@ def frozen(net):
 # ---- (t, u, s) and the teacher's solver (§3, §5) -----------------------------------------------------------------
 
 def sample_indices(N, K_max, B, generator=None, device=None):
-    """Grid indices of (t, u, s) = (σ_n, σ_{n+k}, σ_m), descending grid of N points (§5, `heun_step_strategy=
-    'weighted'`, `sample_s_strategy='uniform'`): one k per iteration with P(k) ∝ k on {1, …, K_max}; per example
-    n ~ U{0, …, N−1−k} and m ~ U{n+k, …, N−1}, so σ_min ≤ s ≤ u < t (s = u allowed)."""
+    """Grid indices of (t, u, s) = (σ_n, σ_{n+k}, σ_m) on the descending Karras grid of N points (§5): one k per
+    iteration with P(k) ∝ k on {1, …, K_max}; per example n ~ U{0, …, N−1−k} and m ~ U{n+k, …, N−1}, so
+    σ_min ≤ s ≤ u < t (s = u allowed). The paper's L_CTM is an expectation over continuous t, s, u (§4.1); we follow
+    the code's default discrete grid (`heun_step_strategy='weighted'`, `sample_s_strategy='uniform'`)."""
     if not 1 <= K_max <= N - 1:
         raise ValueError(f"need 1 <= K_max <= N-1, got K_max={K_max}, N={N}")
     w = torch.arange(1, K_max + 1, dtype=torch.float64, device=device)
@@ -223,15 +224,15 @@ def sample(cfg, net, noise, labels=None, nfe=1, generator=None, path=None, preco
     x = noise * cfg.sigma_max                                                          # x ~ N(0, T²I)
     if path is not None:
         path.append(x)
-    for i in range(nfe):                                                               # §9.1 step 2
+    for n in range(nfe):                                                               # §9.1 step 2
         # The paper's t̃ = sqrt(1−γ²)·t_{n+1}; we follow the code's σ_min shift, so γ = 1 jumps to σ_min, as CM does.
-        t_tilde = math.sqrt(1 - cfg.gamma**2) * (t_steps[i + 1] - cfg.sigma_min) + cfg.sigma_min
-        x = G(net, x, t_steps[i], t_tilde, labels, cfg.sigma_data, precond)           # jump t_n → t̃
-        if i < nfe - 1:                                                                # no noise after the last jump
+        t_tilde = math.sqrt(1 - cfg.gamma**2) * (t_steps[n + 1] - cfg.sigma_min) + cfg.sigma_min
+        x = G(net, x, t_steps[n], t_tilde, labels, cfg.sigma_data, precond)           # jump t_n → t̃
+        if n < nfe - 1:                                                                # no noise after the last jump
             z = torch.randn(x.shape, dtype=x.dtype, generator=generator, device=x.device)
             # renoise t̃ → t_{n+1}: sqrt(t_{n+1}² − t̃²), factored so that it is exactly 0 at γ = 0
-            std = math.sqrt((1 - math.sqrt(1 - cfg.gamma**2)) * (t_steps[i + 1] - cfg.sigma_min)
-                            * (t_steps[i + 1] + t_tilde))
+            std = math.sqrt((1 - math.sqrt(1 - cfg.gamma**2)) * (t_steps[n + 1] - cfg.sigma_min)
+                            * (t_steps[n + 1] + t_tilde))
             x = x + std * z
         if path is not None:
             path.append(x)
