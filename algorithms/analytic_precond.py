@@ -27,6 +27,7 @@ on a grid uniform in λ, computed once per teacher from forward-noised data.
 | `f`, `g`          | f(t,s), g(t,s)                    | `beta`, `alpha` | β_{s,t} on x_t, α_{s,t} on F |
 | `D`, `N`, `N1`    | D_φ, N_φ, N_φ^{(1)} = dN_φ/dλ      | `teacher`       | D_φ                          |
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,8 +66,8 @@ class Stats:
 
 def lambda_grid(cfg):
     """[R] §3.6: J + 1 points uniform in λ = −ln t from λ_T = −ln σ_max to −ln σ_min (ascending λ, descending t)."""
-    lo, hi = -torch.tensor(cfg.sigma_max, dtype=torch.float64).log(), -torch.tensor(cfg.sigma_min).double().log()
-    return torch.linspace(float(lo), float(hi), cfg.num_intervals + 1, dtype=torch.float64)
+    return torch.linspace(-math.log(cfg.sigma_max), -math.log(cfg.sigma_min), cfg.num_intervals + 1,
+                          dtype=torch.float64)
 
 
 def jvp(fn, primals, tangents):
@@ -191,7 +192,8 @@ def _phi(dE, h):
 
 
 def _at(stats, tables, t):
-    """Interpolate Λ, K, ℓ linearly in λ = −ln t, and I exactly (piecewise-linear E), at t [B]."""
+    """Interpolate Λ, K, ℓ linearly in λ = −ln t, and I exactly (piecewise-linear E), at t [B]; outside [ε, T]
+    the end intervals are extended linearly. [U] DPM-Solver-v3 snaps to grid points instead (§3.7)."""
     Lam, K, E, I, m = tables
     lam = -t.log()
     j = (torch.searchsorted(stats.lam, lam, right=True) - 1).clamp(0, stats.lam.numel() - 2)

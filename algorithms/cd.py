@@ -42,7 +42,7 @@ class Config:
     # §4: the headline runs use LPIPS; it is left out here (needs ImageNet VGG weights). Of the distances below
     # CM's own "l2" runs use the pixel mean of the squared difference, i.e. `squared_l2`.
     distance: str = "squared_l2"
-    huber_c: float = 0.00054            # pseudo-Huber c = 0.00054·sqrt(d) (iCT, arXiv:2310.14189v1 Sec. 3.3)
+    huber_c: float = 0.00054            # pseudo-Huber c = 0.00054·sqrt(d): iCT (Song & Dhariwal, arXiv:2310.14189)
 
 
 def squared_l2(a, b, cfg):
