@@ -12,13 +12,16 @@ These are plain `nn.Module`s that know nothing of preconditioning. With EDM's wr
     D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x ; c_noise(σ)),    c_noise(σ) = ln(σ)/4     (EDM Table 1)
 
 this file is F: `forward(x, noise_labels, class_labels, noise_labels_s, augment_labels)` takes the already scaled
-input c_in·x and c_noise, and returns a tensor shaped like x. c_skip, c_out and c_in live in `algorithms/`.
+input c_in·x and c_noise, and returns a tensor shaped like x (and of its dtype, also under autocast). c_skip,
+c_out and c_in live in `algorithms/`. Inputs a network was not built for (labels for an unconditional one, s
+without the s-input, augment labels without augment_dim, another resolution) raise a ValueError that says so.
 
 CTM's student is NN(c_in(t)·x_t, c_noise(t), c_noise(s)) (CTM Eq. 6 with EDM's inner preconditioning). Built with
 `s_embedding=True`, a network embeds c_noise(s) with the same noise embedding, passes it through its own MLP
 (`map_layer0_s`, `map_layer1_s`) and adds a per-block `affine_s(emb_s)` to the block's `affine(emb_t)`.
 Every s-layer's name ends in `_s` and all other keys are unchanged, so a teacher's state_dict loads into a
-student with only the s-keys missing (`networks.checkpoint.load_teacher_into_student`).
+student with only the s-keys missing (`networks.checkpoint.load_teacher_into_student`). Given no s, such a network
+is evaluated at s = t, CTM's g(x_t, t, t): the denoiser.
 
 Written from the architecture description in shared/papers/networks.md §1–§7, not from NVlabs' code, which is
 CC BY-NC-SA. Module names, tensor shapes and constructor defaults match theirs (facts about the checkpoint
@@ -196,7 +199,10 @@ class UNetBlock(nn.Module):
                  adaptive_scale: bool = True, s_embedding: bool = False):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        if not attention:
+            self.num_heads = 0
+        else:
+            self.num_heads = num_heads if num_heads is not None else out_channels // channels_per_head
         if attention and self.num_heads == 0:
             raise ValueError(f"attention asked for in a block with {out_channels} channels, fewer than "
                              f"channels_per_head={channels_per_head}: it would have no heads")
@@ -274,6 +280,8 @@ def check_inputs(net: nn.Module, x: torch.Tensor, noise_labels: torch.Tensor, cl
     elif class_labels.shape != (B, net.label_dim):
         raise ValueError(f"{name}: class_labels must be one-hot of shape [{B}, {net.label_dim}], "
                          f"got {list(class_labels.shape)}")
+    elif not class_labels.is_floating_point():
+        class_labels = class_labels.float()                                    # e.g. F.one_hot's int64
     if not net.s_embedding:
         if noise_labels_s is not None:
             raise ValueError(f"{name} was built without the s-input (s_embedding=False) but noise_labels_s "

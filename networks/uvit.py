@@ -48,7 +48,9 @@ TIME_SCALE = 1000.0  # embed 1000·c_noise = 250·ln σ, not c_noise itself (mod
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """[cos(t·f_j) | sin(t·f_j)], f_j = max_period^(−j/(dim/2)): U-ViT's (and ADM's) time embedding. [B] -> [B, dim]"""
+    """U-ViT's (and ADM's) time embedding [cos(t·f_j) | sin(t·f_j)], f_j = max_period^(−j/(dim/2)).
+
+    [B] -> [B, dim]."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     arg = t.float()[:, None] * freqs[None]

@@ -5,6 +5,7 @@ a call `torch_utils.persistence._reconstruct_persistent_obj(meta)` whose `meta['
 write a marker file and raise; the nn.ModuleDicts are pickled by torch's ordinary reduction, tensors by torch's
 reducers, a few constructor floats are numpy scalars and dataset_kwargs is a dnnlib EasyDict, as in the real files.
 """
+import io
 import os
 import pickle
 import sys
@@ -38,7 +39,9 @@ def inputs(net, B=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     R = net.img_resolution
     x, c_noise = torch.randn(B, 3, R, R, generator=g), torch.randn(B, generator=g)
-    labels = F.one_hot(torch.randint(net.label_dim, (B,), generator=g), net.label_dim).float() if net.label_dim else None
+    labels = None
+    if net.label_dim:
+        labels = F.one_hot(torch.randint(net.label_dim, (B,), generator=g), net.label_dim).float()
     return x, c_noise, labels
 
 
@@ -153,7 +156,7 @@ def test_the_test_pickle_is_armed(write_pkl, marker):
 
 
 def test_a_student_starts_from_an_imported_teacher(write_pkl):
-    kwargs = SONGUNET_CONFIGS["tiny-ddpmpp-cond-32"]
+    kwargs = dict(SONGUNET_CONFIGS["tiny-ddpmpp-8"], label_dim=10)
     teacher = load_edm_pickle(write_pkl(perturb_(SongUNet(**kwargs)).eval(), kwargs)).net
     student = SongUNet(**kwargs, s_embedding=True).eval()
     load_teacher_into_student(student, teacher)
@@ -286,3 +289,20 @@ def test_state_dict_files_that_are_not_plain_tensors_are_refused(tmp_path, marke
         load_state_dict_file(tmp_path / "wide.pt", net)
     with pytest.raises(CheckpointError, match="nothing.pt: no such file"):
         read_state_dict_file(tmp_path / "nothing.pt")
+
+
+def test_numpy_scalars_of_numpy_1_and_2_pickles_are_numbers_and_object_scalars_are_refused():
+    from networks.checkpoint import _RestrictedUnpickler
+
+    def load(data):
+        return _RestrictedUnpickler(io.BytesIO(data)).load()
+
+    new = pickle.dumps(np.float64(0.5) ** 0.5, protocol=3)                  # GLOBAL 'numpy._core.multiarray scalar'
+    old = new.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")  # as written by the numpy 1.x of 2022
+    assert b"numpy.core.multiarray" in old
+    for data in (new, old):
+        value = load(data)
+        assert type(value) is float and value == 0.5 ** 0.5
+    scalar = np.float64(1.0).__reduce__()[0]                                # numpy's scalar reconstructor
+    with pytest.raises(pickle.UnpicklingError, match="refused numpy scalar of dtype"):
+        load(pickle.dumps(CallsGlobal(scalar, np.dtype(object), "an object")))

@@ -143,7 +143,7 @@ def _input_of(module, run):
 
 
 def test_songunet_embeds_noise_as_sin_then_cos_and_scales_labels():
-    net = SongUNet(**SONGUNET_CONFIGS["tiny-ddpmpp-cond-32"]).eval()
+    net = SongUNet(**dict(SONGUNET_CONFIGS["tiny-ddpmpp-8"], label_dim=10)).eval()
     x, c_noise, labels, _ = make_inputs(net, 3)
     half = 32 // 2                                                          # noise channels 32, endpoint=True
     arg = c_noise[:, None] * (1 / 10000) ** (torch.arange(half) / (half - 1))
@@ -204,8 +204,10 @@ def test_bf16_autocast_stays_close_to_fp32(cls, cfg):
     assert ((y_bf16 - y).norm() / y.norm()).item() < 0.05
 
 
-def test_samples_in_a_batch_are_independent():
-    net = perturb_(SongUNet(**SONGUNET_CONFIGS["tiny-ddpmpp-cond-32"])).eval()
+@pytest.mark.parametrize("cls,cfg", [(SongUNet, dict(SONGUNET_CONFIGS["tiny-ddpmpp-8"], label_dim=10)),
+                                     (DhariwalUNet, DHARIWALUNET_CONFIGS["tiny-adm-cond-16"])])
+def test_samples_in_a_batch_are_independent(cls, cfg):
+    net = perturb_(cls(**cfg)).eval()
     x, c_noise, labels, _ = make_inputs(net, 3)
     together = net(x, c_noise, labels)
     alone = torch.cat([net(x[i:i + 1], c_noise[i:i + 1], labels[i:i + 1]) for i in range(3)])
@@ -255,7 +257,7 @@ def test_augment_labels_condition_a_network_built_for_them():
 
 
 def test_label_dropout_one_makes_training_outputs_label_free():
-    net = perturb_(SongUNet(**dict(SONGUNET_CONFIGS["tiny-ddpmpp-cond-32"], label_dropout=1.0)))
+    net = perturb_(SongUNet(**dict(SONGUNET_CONFIGS["tiny-ddpmpp-8"], label_dim=10, label_dropout=1.0)))
     x, c_noise, labels, _ = make_inputs(net, 2)
     assert torch.equal(net(x, c_noise, labels), net(x, c_noise, torch.zeros_like(labels)))
     net.eval()                                                              # no dropout at inference
