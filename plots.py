@@ -1,0 +1,26 @@
+"""Pictures of a run: 2D scatter plots of samples over the data, and trajectories. Needs the `plot` extra
+(matplotlib); importing this module without it raises ImportError, which train.py reports and carries on."""
+import matplotlib
+import torch
+
+matplotlib.use("Agg")  # no screen needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def scatter(path, x_data, panels, title="", paths=None, lim=2.0):
+    """One panel per entry of `panels` (name -> [N, 2] samples), each over the data in grey. `paths`, if given,
+    maps a panel name to a list of [N, 2] states along a trajectory, of which the first 24 are drawn as lines."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    for ax, (name, x) in zip(axes[0], panels.items()):
+        ax.scatter(*x_data[:, :2].cpu().T, s=2, c="0.75", label="data")
+        ax.scatter(*x[:, :2].cpu().T, s=2, c="tab:blue", label="samples")
+        if paths and name in paths:
+            traj = torch.stack([s[:24, :2].cpu() for s in paths[name]])  # [steps, 24, 2]
+            traj = traj.clamp(-lim * 1.5, lim * 1.5)
+            ax.plot(traj[:, :, 0], traj[:, :, 1], "-o", ms=2, lw=0.8, c="tab:red", alpha=0.7)
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), title=name, aspect="equal", xticks=[], yticks=[])
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
