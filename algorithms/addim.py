@@ -76,19 +76,19 @@ def inverse_ddim(x_s, x_t, sigma_t, sigma_s):
 
 
 def addim(x_hat, x_t, sigma_t, sigma_s, x_var):
-    """aDDIM_{t→s} (Eq. 14, Alg. 3 l. 4–5): DDIM with the noise direction stretched so that the squared norm gains
+    """aDDIM_{t→s} (Eq. 14, Alg. 3): DDIM with the noise direction stretched so that the squared norm gains
     d (1 − σ_s/σ_t)² x_var. `x_var` is a float or a per-example [B] tensor; x_var = 0 is DDIM."""
     x64, x_hat64 = x_t.to(torch.float64), x_hat.to(torch.float64)
     sigma_t, sigma_s = bcast(sigma_t, x64), bcast(sigma_s, x64)
     d = x_t[0].numel()
-    eps_hat = (x64 - x_hat64) / sigma_t                                        # Alg. 3 l. 4: ε̂
+    eps_hat = (x64 - x_hat64) / sigma_t                                        # Alg. 3: ε̂
     z_var = (1 - sigma_s / sigma_t) ** 2 * bcast(x_var, x64)                   # Eq. 13 / α_s²: per-dim Var[x_s|x_t]
     eps_norm2 = eps_hat.flatten(1).square().sum(1).reshape(sigma_t.shape)      # ‖ε̂‖² per example (Eq. 14)
     return (x_hat64 + (sigma_s**2 + d / eps_norm2 * z_var).sqrt() * eps_hat).to(x_t.dtype)  # Eq. 14 / α_s
 
 
 def x_var_empirical(x, x_hat, eta=0.75):
-    """Per-example η‖x − x̂‖²/d (Alg. 1 l. 9 with App. A.1's η): x_var from the true x. Returns [B], float64."""
+    """Per-example η‖x − x̂‖²/d (Alg. 1 with App. A.1's η): x_var from the true x. Returns [B], float64."""
     return eta * (x.to(torch.float64) - x_hat.to(torch.float64)).flatten(1).square().mean(1)
 
 
@@ -99,7 +99,7 @@ def x_var_analytic(sigma):
 
 
 def time_grid(num_steps, sigma_max=SIGMA_MAX):
-    """Alg. 3 l. 2: the N + 1 noise levels σ(k/N), k = N..0, descending; the last is exactly 0. Float64."""
+    """Alg. 3: the N + 1 noise levels σ(k/N), k = N..0, descending; the last is exactly 0. Float64."""
     return sigma_of_t(torch.arange(num_steps, -1, -1, dtype=torch.float64) / num_steps, sigma_max)
 
 
@@ -125,9 +125,9 @@ def sample(cfg, D, noise, labels=None, num_steps=None, x_var=None):
     x_var = x_var_analytic(sigmas[:-1]) if x_var is None else torch.as_tensor(x_var, dtype=torch.float64)
     if x_var.shape != (num_steps,):
         raise ValueError(f"x_var needs one value per step ({num_steps}), got shape {tuple(x_var.shape)}")
-    x = noise.to(torch.float64) * sigmas[0]                                    # Alg. 3 l. 1: z_1 ~ N(0, I)
-    for i in range(num_steps):                                                 # Alg. 3 l. 2: t = 1, …, 1/N
+    x = noise.to(torch.float64) * sigmas[0]                                    # Alg. 3: z_1 ~ N(0, I)
+    for i in range(num_steps):                                                 # Alg. 3: t = 1, …, 1/N
         sigma_t = sigmas[i].expand(x.shape[0])
-        x_hat = D(x.to(noise.dtype), sigma_t.to(noise.dtype), labels).to(torch.float64)  # Alg. 3 l. 3
-        x = addim(x_hat, x, sigmas[i], sigmas[i + 1], x_var[i])                # Alg. 3 l. 4–5
+        x_hat = D(x.to(noise.dtype), sigma_t.to(noise.dtype), labels).to(torch.float64)  # Alg. 3: x̂ = f(z_t, t)
+        x = addim(x_hat, x, sigmas[i], sigmas[i + 1], x_var[i])                # Alg. 3: z_s, Eq. 14
     return x.to(noise.dtype)

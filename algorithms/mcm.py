@@ -2,6 +2,7 @@
 
 J. Heek, E. Hoogeboom, T. Salimans, "Multistep Consistency Models", arXiv:2403.06807v3 (19 Nov 2024), Sec. 2–3,
 Alg. 1, Alg. 2, App. A.1. Equation numbers refer to v3. DDIM / invDDIM / aDDIM live in `algorithms/addim.py`.
+Lines of Alg. 1–3 are cited by the quantity they compute (as transcribed in mcm_addim.md), not by line number.
 
 Time t ∈ [0, 1] is split into S equal segments; segment `step` is (t_step, t_step + 1/S] with t_step = step/S.
 Within it the student is a consistency model for the segment start: its jump is DDIM_{t→t_step}(x̂_θ(x_t), x_t).
@@ -64,14 +65,14 @@ def teacher_steps(cfg, i):
 
 
 def sample_times(cfg, B, i=0, generator=None, device=None):
-    """Alg. 1 l. 3–6: per example a segment and a teacher step inside it. Returns t_step, t, s as float64 [B] VP
+    """Alg. 1: per example a segment and a teacher step inside it. Returns t_step, t, s as float64 [B] VP
     times with t ∈ (t_step, t_step + 1/S] and s = t − 1/T ∈ [t_step, t): t never equals a segment start."""
-    N_seg = max(1, round(teacher_steps(cfg, i) / cfg.S))                       # Alg. 1 l. 3: steps per segment
+    N_seg = max(1, round(teacher_steps(cfg, i) / cfg.S))                       # Alg. 1: steps per segment
     T = N_seg * cfg.S                                                          # teacher steps on [0, 1] (§8 item 2)
-    step = torch.randint(0, cfg.S, (B,), generator=generator, device=device)   # Alg. 1 l. 4
-    n_rel = torch.randint(1, N_seg + 1, (B,), generator=generator, device=device)  # Alg. 1 l. 5
+    step = torch.randint(0, cfg.S, (B,), generator=generator, device=device)   # Alg. 1: step ~ U{0..S−1}
+    n_rel = torch.randint(1, N_seg + 1, (B,), generator=generator, device=device)  # Alg. 1: n_rel ~ U{1..N/S}
     # Integer numerators over T, so t_step, t and s are exact grid points (t − t_step ≥ 1/T exactly).
-    t_step = (step * N_seg).to(torch.float64) / T                              # Alg. 1 l. 6: t_step = step/S
+    t_step = (step * N_seg).to(torch.float64) / T                              # Alg. 1: t_step = step/S
     t = (step * N_seg + n_rel).to(torch.float64) / T                           # t = t_step + n_rel/T
     s = (step * N_seg + n_rel - 1).to(torch.float64) / T                       # s = t − 1/T
     return t_step, t, s
@@ -86,35 +87,35 @@ def denoise(cfg, net, x, sigma, labels=None):
 
 
 def consistency_loss(cfg, net, x_t, x_s, t_step, t, s, labels=None):
-    """Alg. 1 l. 10–14 for given times and given teacher point x_s: the per-example MCM loss [B]."""
+    """Alg. 1 for given times and given teacher point x_s: the per-example MCM loss [B]."""
     sigma_step, sigma_t = addim.sigma_of_t(t_step, cfg.sigma_max), addim.sigma_of_t(t, cfg.sigma_max)
     sigma_s = addim.sigma_of_t(s, cfg.sigma_max)
-    with torch.no_grad():  # stop-gradient target: the same online weights, no EMA (Alg. 1 l. 10, §8 item 6)
-        x_hat_ref = denoise(cfg, net, x_s, sigma_s, labels)                    # Alg. 1 l. 10: nograd f(z_s, s)
+    with torch.no_grad():  # stop-gradient target: the same online weights, no EMA (Alg. 1, §8 item 6)
+        x_hat_ref = denoise(cfg, net, x_s, sigma_s, labels)                    # Alg. 1: nograd f(z_s, s)
         # Where s = t_step, DDIM_{s→t_step} is the identity, so the target does not depend on the student (Eq. 8,
         # the boundary anchor); written as a `where` because σ_s = σ_step = 0 would give 0/0 in the last segment.
         anchor = bcast(s == t_step, x_s).bool()
-        x_ref = torch.where(anchor, x_s, addim.ddim(x_hat_ref, x_s, sigma_s, sigma_step))  # Alg. 1 l. 11
-        x_target = addim.inverse_ddim(x_ref, x_t, sigma_t, sigma_step)         # Alg. 1 l. 12, Eq. 7
-    x_hat = denoise(cfg, net, x_t, sigma_t, labels)                            # Alg. 1 l. 13: the only gradient path
+        x_ref = torch.where(anchor, x_s, addim.ddim(x_hat_ref, x_s, sigma_s, sigma_step))  # Alg. 1: ẑ_ref
+        x_target = addim.inverse_ddim(x_ref, x_t, sigma_t, sigma_step)         # Alg. 1, Eq. 7
+    x_hat = denoise(cfg, net, x_t, sigma_t, labels)                            # Alg. 1: the only gradient path
     d = x_t[0].numel()
     rho = ((x_hat - x_target).flatten(1).square().sum(1) / d + cfg.huber_eps**2).sqrt() - cfg.huber_eps  # §3.3 (c)
-    w = 1 / sigma_t**2 + 1                                                     # Alg. 1 l. 14: SNR(t) + 1, SNR = 1/σ²
+    w = 1 / sigma_t**2 + 1                                                     # Alg. 1: SNR(t) + 1, SNR = 1/σ²
     w = w.sqrt() if cfg.sqrt_snr_weight else w                                 # §8 item 4 (unsquared v-loss)
     return w.to(rho.dtype) * rho
 
 
 def loss(cfg, net, teacher, x, labels=None, step=0, generator=None):
     """Multistep consistency distillation, Alg. 1 (CD): per-example loss [B] at training iteration `step`.
-    `teacher` is a frozen denoiser D(x; σ, labels); its aDDIM step uses x_var from the true x (Alg. 1 l. 9)."""
+    `teacher` is a frozen denoiser D(x; σ, labels); its aDDIM step uses x_var from the true x (Alg. 1)."""
     t_step, t, s = sample_times(cfg, x.shape[0], step, generator, x.device)
     sigma_t, sigma_s = addim.sigma_of_t(t, cfg.sigma_max), addim.sigma_of_t(s, cfg.sigma_max)
     eps = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
-    x_t = x + bcast(sigma_t, x) * eps                                          # Alg. 1 l. 7: z_t = α_t x + σ_t ε
+    x_t = x + bcast(sigma_t, x) * eps                                          # Alg. 1: z_t = α_t x + σ_t ε
     with torch.no_grad():
-        x_teacher = teacher(x_t, sigma_t.to(x.dtype), labels)                 # Alg. 1 l. 8 (CD)
-        x_var = addim.x_var_empirical(x, x_teacher, cfg.eta) if cfg.addim_teacher else 0.0  # l. 9, η: §8 item 3
-        x_s = addim.addim(x_teacher, x_t, sigma_t, sigma_s, x_var)            # Alg. 1 l. 9: aDDIM_{t→s}
+        x_teacher = teacher(x_t, sigma_t.to(x.dtype), labels)                 # Alg. 1 (CD)
+        x_var = addim.x_var_empirical(x, x_teacher, cfg.eta) if cfg.addim_teacher else 0.0  # Alg. 1 x_var, η: §8 item 3
+        x_s = addim.addim(x_teacher, x_t, sigma_t, sigma_s, x_var)            # Alg. 1: aDDIM_{t→s}
     return consistency_loss(cfg, net, x_t, x_s, t_step, t, s, labels)
 
 
@@ -124,8 +125,8 @@ def loss_ct(cfg, net, x, labels=None, step=0, generator=None):
     t_step, t, s = sample_times(cfg, x.shape[0], step, generator, x.device)
     sigma_t, sigma_s = addim.sigma_of_t(t, cfg.sigma_max), addim.sigma_of_t(s, cfg.sigma_max)
     eps = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
-    x_t = x + bcast(sigma_t, x) * eps                                          # Alg. 1 l. 7
-    x_s = addim.ddim(x, x_t, sigma_t, sigma_s)                                 # Alg. 1 l. 8–9 with x_teacher = x
+    x_t = x + bcast(sigma_t, x) * eps                                          # Alg. 1: z_t
+    x_s = addim.ddim(x, x_t, sigma_t, sigma_s)                                 # Alg. 1 with x_teacher = x
     return consistency_loss(cfg, net, x_t, x_s, t_step, t, s, labels)
 
 
@@ -139,12 +140,12 @@ def sample(cfg, net, noise, labels=None, nfe=None, generator=None, path=None, pr
     if nfe != cfg.S:
         raise ValueError(f"an MCM student with S={cfg.S} samples in exactly S steps, got nfe={nfe}")
     sigmas = addim.time_grid(cfg.S, cfg.sigma_max)                             # σ(k/S), k = S..0; σ(0) = 0
-    x = noise.to(torch.float64) * sigmas[0]                                    # Alg. 2 l. 1: z_1 ~ N(0, I)
+    x = noise.to(torch.float64) * sigmas[0]                                    # Alg. 2: z_1 ~ N(0, I)
     if path is not None:
         path.append(x.to(noise.dtype))
-    for k in range(cfg.S):                                                     # Alg. 2 l. 2: t = 1, …, 1/S
-        x_hat = denoise(cfg, net, x.to(noise.dtype), sigmas[k], labels).to(torch.float64)  # Alg. 2 l. 3
-        x = addim.ddim(x_hat, x, sigmas[k], sigmas[k + 1])                     # Alg. 2 l. 4: DDIM_{t→s}
+    for k in range(cfg.S):                                                     # Alg. 2: t = 1, …, 1/S
+        x_hat = denoise(cfg, net, x.to(noise.dtype), sigmas[k], labels).to(torch.float64)  # Alg. 2: f(z, t)
+        x = addim.ddim(x_hat, x, sigmas[k], sigmas[k + 1])                     # Alg. 2: DDIM_{t→s}
         if path is not None:
             path.append(x.to(noise.dtype))
     return x.to(noise.dtype)

@@ -40,7 +40,7 @@ def f(net, x, sigma):
 
 
 def rho_w(cfg, delta, sigma_t):
-    """Pseudo-Huber on the RMS norm times SNR + 1 (mcm_addim.md §3.3 reading (c); Alg. 1 l. 14)."""
+    """Pseudo-Huber on the RMS norm times SNR + 1 (mcm_addim.md §3.3 reading (c); Alg. 1)."""
     rho = (delta.square().mean(1) + cfg.huber_eps**2).sqrt() - cfg.huber_eps
     return (1 / sigma_t**2 + 1) * rho
 
@@ -77,7 +77,7 @@ def test_mcm_loss_with_one_segment_is_the_cm_loss():
     x_t, x_s = torch.randn(64, 2, dtype=f64, generator=g), torch.randn(64, 2, dtype=f64, generator=g)
     sigma_t, sigma_s = addim.sigma_of_t(t), addim.sigma_of_t(s)
     got = mcm.consistency_loss(cfg, net, x_t, x_s, t_step, t, s)
-    target = torch.where((s > 0)[:, None], f(net, x_s, sigma_s.clamp(min=1e-3)), x_s).detach()  # sg: Alg. 1 l. 10
+    target = torch.where((s > 0)[:, None], f(net, x_s, sigma_s.clamp(min=1e-3)), x_s).detach()  # sg: Alg. 1
     expected = rho_w(cfg, f(net, x_t, sigma_t) - target, sigma_t)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     grads = [torch.autograd.grad(l.sum(), list(net.parameters())) for l in (got, expected)]
