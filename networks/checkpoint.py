@@ -177,16 +177,23 @@ class EDMCheckpoint:
 
 def _unpickle(path: Path):
     try:
-        data = path.read_bytes()
+        f = open(path, "rb")
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-    if data[:4] == b"PK\x03\x04":
-        raise CheckpointError(f"{path}: a zip archive (torch.save format), not an EDM .pkl; for a state dict "
-                              f"use networks.checkpoint.load_state_dict_file")
-    if not data.startswith(b"\x80"):
-        raise CheckpointError(f"{path}: not a pickle (it starts with {data[:8]!r})")
+    with f:
+        head = f.read(8)
+        if head[:4] == b"PK\x03\x04":
+            raise CheckpointError(f"{path}: a zip archive (torch.save format), not an EDM .pkl; for a state dict "
+                                  f"use networks.checkpoint.load_state_dict_file")
+        if not head.startswith(b"\x80"):
+            raise CheckpointError(f"{path}: not a pickle (it starts with {head!r})")
+        f.seek(0)
+        return _load_restricted(f, path)
+
+
+def _load_restricted(f, path: Path):
     try:
-        return _RestrictedUnpickler(io.BytesIO(data)).load()
+        return _RestrictedUnpickler(f).load()
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except EOFError:
