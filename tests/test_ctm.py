@@ -30,7 +30,7 @@ def preconditioning(name):
     """The `precond` argument: None (CTM's own β, α); Analytic-Precond with ℓ ≡ κ ≡ 0 (CTM again,
     analytic_precond.md §3.8); with ℓ and κ fitted to the exact ring8 teacher on a small budget (30 λ-intervals,
     256 samples); with that ℓ and κ ≡ 0. The small fit's κ makes α reach ~1e28 for some grid pairs, too
-    ill-conditioned for the exact-network tests below, which therefore use the last three only."""
+    ill-conditioned for the exact-network tests below, which therefore use PRECONDS (all but the full fit)."""
     if name == "ctm":
         return None
     cfg = analytic_precond.Config(num_intervals=30, num_samples=256)
@@ -67,8 +67,8 @@ class ExactGaussianNet(nn.Module):
         self.beta_alpha, self.w = beta_alpha, nn.Parameter(torch.tensor(w, dtype=f64))
 
     def forward(self, x_in, c_t, class_labels=None, noise_labels_s=None):
-        t, s = (4 * c_t).exp()[:, None], (4 * noise_labels_s).exp()[:, None]       # undo c_noise = ln σ / 4
-        x = x_in * (sd**2 + t**2).sqrt()                                 # undo c_in(t)
+        t, s = (4 * c_t).exp()[:, None], (4 * noise_labels_s).exp()[:, None]   # undo c_noise = ln σ / 4
+        x = x_in * (sd**2 + t**2).sqrt()                                         # undo c_in(t)
         beta, alpha = self.beta_alpha(t, s)
         safe = torch.where(alpha == 0, torch.ones_like(alpha), alpha)
         NN = torch.where(alpha == 0, torch.zeros_like(x), (gaussian_jump(t, s) - beta) * x / safe)
