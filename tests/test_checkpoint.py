@@ -27,6 +27,11 @@ CASES = [pytest.param(SongUNet, SONGUNET_CONFIGS["tiny-ddpmpp-cond-32"], id="ddp
          pytest.param(DhariwalUNet, DHARIWALUNET_CONFIGS["tiny-adm-cond-16"], id="adm-cond")]
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)                                                    # initialisations do not depend on test order
+
+
 def perturb_(net, seed=0, scale=0.1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

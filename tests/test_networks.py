@@ -26,6 +26,11 @@ TINY = [pytest.param(cls, cfg, id=name) for cls, name, cfg in ALL_CONFIGS if nam
 TINY_UNETS = [p for p in TINY if p.values[0] is not UViT]
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)                                                    # initialisations do not depend on test order
+
+
 def make_inputs(net, B, s=False, labels=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     R, C = net.img_resolution, net.img_channels
