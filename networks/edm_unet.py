@@ -1,11 +1,12 @@
 """EDM's UNet backbones: SongUNet (DDPM++ / NCSN++) and DhariwalUNet (ADM), with CTM's optional second noise input.
 
 - T. Karras, M. Aittala, T. Aila, S. Laine, "Elucidating the Design Space of Diffusion-Based Generative Models",
-  NeurIPS 2022, arXiv:2206.00364v2 (App. F.2: the re-implemented DDPM++, NCSN++ and ADM backbones).
+  NeurIPS 2022, arXiv:2206.00364v2 (its re-implementations of the DDPM++, NCSN++ and ADM backbones).
 - DDPM++ / NCSN++: Y. Song et al., "Score-Based Generative Modeling through Stochastic Differential Equations",
   ICLR 2021, arXiv:2011.13456.  ADM: P. Dhariwal, A. Nichol, "Diffusion Models Beat GANs on Image Synthesis",
   NeurIPS 2021, arXiv:2105.05233.
-- The s-input: D. Kim et al., "Consistency Trajectory Models", ICLR 2024, arXiv:2310.02279 (§4, App. C).
+- The s-input: D. Kim et al., "Consistency Trajectory Models", ICLR 2024, arXiv:2310.02279 (as in its code;
+  shared/papers/ctm.md §2, networks.md §7).
 
 These are plain `nn.Module`s that know nothing of preconditioning. With EDM's wrapper around them,
 
@@ -16,7 +17,7 @@ input c_in·x and c_noise, and returns a tensor shaped like x (and of its dtype,
 c_out and c_in live in `algorithms/`. Inputs a network was not built for (labels for an unconditional one, s
 without the s-input, augment labels without augment_dim, another resolution) raise a ValueError that says so.
 
-CTM's student is NN(c_in(t)·x_t, c_noise(t), c_noise(s)) (CTM Eq. 6 with EDM's inner preconditioning). Built with
+CTM's student is NN(c_in(t)·x_t, c_noise(t), c_noise(s)) inside EDM's preconditioning of t (ctm.md §1). Built with
 `s_embedding=True`, a network embeds c_noise(s) with the same noise embedding, passes it through its own MLP
 (`map_layer0_s`, `map_layer1_s`) and adds a per-block `affine_s(emb_s)` to the block's `affine(emb_t)`.
 Every s-layer's name ends in `_s` and all other keys are unchanged, so a teacher's state_dict loads into a
@@ -45,7 +46,7 @@ from torch import nn
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Initialisation (EDM App. F.2; networks.md §2.2, §4.2)
+# Initialisation (networks.md §2.2, §4.2)
 
 class Init:
     """A weight-initialisation rule: `mode` with the fans of the weight, scaled by `weight` (weights) and `bias`."""

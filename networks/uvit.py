@@ -1,12 +1,12 @@
 """U-ViT: a ViT backbone for diffusion, with the project's call signature and CTM's s as one more token.
 
 F. Bao, S. Nie, K. Xue, Y. Cao, C. Li, H. Su, J. Zhu, "All are Worth Words: A ViT Backbone for Diffusion
-Models", CVPR 2023, arXiv:2209.12152 (§3: design; Table 1/§4.1: U-ViT-S/2 on CIFAR-10).
+Models", CVPR 2023, arXiv:2209.12152 (§3; details as summarised in shared/papers/networks.md §8).
 
 Everything is a token: the image as p×p patches (a strided conv), the time as one token (a sinusoid, optionally
 through an MLP), the class as one token. A plain pre-LN transformer of depth+1 blocks runs on them; out-block j
-first fuses its input with in-block (depth/2 − 1 − j)'s output, Linear(concat[x, skip]) ("long skips", §3.1).
-The patch tokens are mapped back to pixels and a 3×3 conv smooths the patch seams (§3.1, "the way to predict").
+first fuses its input with in-block (depth/2 − 1 − j)'s output, Linear(concat[x, skip]) ("long skips").
+The patch tokens are mapped back to pixels and a 3×3 conv follows (networks.md §8.1).
 
     tokens = [label?, time, patch_1 … patch_L] + pos_embed          L = (img_resolution / p)²
     h_i    = Block_i(h_{i−1})                                       i = 1 … depth/2          (in_blocks)
@@ -14,8 +14,9 @@ The patch tokens are mapped back to pixels and a 3×3 conv smooths the patch sea
     h'_j   = Block'_j(Linear([h'_{j−1}, h_{depth/2+1−j}]))          j = 1 … depth/2          (out_blocks)
     F      = Conv3×3(unpatchify(Linear(LN(h')[patches])))
 
-Written from networks.md §8 (U-ViT's published architecture); no code copied. Module names match the official
-checkpoints' (`patch_embed.proj`, `pos_embed`, `in_blocks.i.attn.qkv`, …), parameter counts the paper's.
+Written from networks.md §8 (U-ViT's published architecture); no code copied. Module names follow the official
+code's as listed there (`patch_embed.proj`, `pos_embed`, `in_blocks.i.attn.qkv`, …); U-ViT-S/2 has the paper's
+44M parameters.
 
 Two additions of ours:
 - Time input. U-ViT was trained on 999·t_VP; EDM hands networks c_noise = ln(σ)/4, about −1.6…1.1 on
@@ -31,9 +32,9 @@ Two additions of ours:
 |----------------------|------------------------------------------|
 | `patch_size`         | p (patch size)                           |
 | `embed_dim`, `depth` | hidden size D, number of layers − 1      |
-| `in_blocks`, `mid_block`, `out_blocks` | the three groups of §3.1 |
-| `skip_linear`        | the long-skip Linear of §3.1             |
-| `final_layer`        | the extra 3×3 conv of §3.1               |
+| `in_blocks`, `mid_block`, `out_blocks` | shallow, middle, deep blocks |
+| `skip_linear`        | the long-skip Linear                     |
+| `final_layer`        | the extra 3×3 conv at the output         |
 """
 import math
 
@@ -81,7 +82,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block; with `skip`, first x = skip_linear(concat[x, skip]) (the long skip, §3.1)."""
+    """Pre-LN transformer block; with `skip`, first x = skip_linear(concat[x, skip]) (the long skip)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, skip: bool = False):
         super().__init__()
