@@ -49,6 +49,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.toy import GaussianMixture
+
 
 class DatasetError(ValueError):
     """A dataset that cannot be used as given; the message names the file and what is wrong with it."""
@@ -374,18 +376,9 @@ def digits_dataset():
 
 
 def empirical_denoiser(points, x, sigma):
-    r"""E[x_0 | x_σ = x] for x_0 uniform on `points` [N, d], x [B, d], σ [B] -> [B, d], in float64.
-
-    With x_σ = x_0 + σz (EDM §1) the posterior over the N points is a softmax of Gaussian log-likelihoods,
-    EDM App. B.3 ("ideal denoiser"):
-        D(x; σ) = \sum_i w_i x_i,   w_i = softmax_i( -|x - x_i|^2 / (2σ^2) ).
-    The softmax goes through log-sum-exp, so it stays exact for σ → 0, where every weight but one underflows.
-    """
-    points, x, sigma = points.double(), x.double(), sigma.double()
-    # -|x - x_i|^2 / 2 = x·x_i - |x_i|^2/2 - |x|^2/2; the last term is the same for every i and cancels.
-    logits = (x @ points.T - 0.5 * points.square().sum(1)) / sigma[:, None] ** 2  # [B, N]
-    weights = torch.exp(logits - torch.logsumexp(logits, dim=1, keepdim=True))  # [B, N], softmax
-    return weights @ points  # [B, d]
+    """E[x_0 | x_σ = x] for x_0 uniform on `points` [N, d], x [B, d], σ [B] -> [B, d], in float64: the exact
+    ("ideal", EDM App. B.3) denoiser of a finite set, which is `data.toy.GaussianMixture` with std = 0."""
+    return GaussianMixture("points", points, 0.0).denoiser(x, sigma).double()
 
 
 class EmpiricalTeacher(torch.nn.Module):
@@ -400,24 +393,14 @@ class EmpiricalTeacher(torch.nn.Module):
     def __init__(self, dataset):
         super().__init__()
         x0, labels = dataset.batch(np.arange(len(dataset)))
-        self.register_buffer("points", x0.double().flatten(1))  # [N, C·H·W], the training images in [-1, 1]
-        self.register_buffer("point_labels", labels if labels is not None else torch.zeros(0, dtype=torch.long))
+        # The training images as a point set (float64 [N, C·H·W]); each point's class is its label.
+        self.points = GaussianMixture("images", x0.double().flatten(1), 0.0, classes=labels)
         self.img_resolution, self.img_channels = dataset.resolution, dataset.channels
         self.label_dim = dataset.num_classes
 
     def forward(self, x, sigma, class_labels=None):
-        B = x.shape[0]
-        x_flat = x.flatten(1)  # [B, C·H·W]
-        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(B)  # [B]
-        # The sums run in float64 whatever the caller's autocast: autocast leaves float64 ops alone.
-        if class_labels is None:
-            D_x = empirical_denoiser(self.points, x_flat, sigma)
-        else:
-            if self.label_dim == 0:
-                raise ValueError("class_labels given, but this teacher's dataset has no labels")
-            y = class_labels.argmax(dim=1)  # [B], from one-hot
-            D_x = torch.empty(x_flat.shape, dtype=torch.float64, device=x.device)
-            for c in y.unique():
-                rows, members = y == c, self.point_labels == c
-                D_x[rows] = empirical_denoiser(self.points[members], x_flat[rows], sigma[rows])
-        return D_x.to(x.dtype).reshape(x.shape)
+        if class_labels is not None and self.label_dim == 0:
+            raise ValueError("class_labels given, but this teacher's dataset has no labels")
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])  # [B]
+        # float64 inside whatever the caller's autocast: autocast leaves float64 ops alone.
+        return self.points.denoiser(x.flatten(1), sigma, class_labels).reshape(x.shape)

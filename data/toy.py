@@ -48,17 +48,19 @@ class GaussianMixture:
         """The exact E[x_0 | x_σ = x] (module docstring); x is [B, d], sigma is [B] or a float. Labels, if given,
         restrict the posterior to the components of that class. Computed in float64."""
         x64 = x.to(torch.float64)
+        means, log_w = self.means.to(x.device), self.log_w.to(x.device)
         var = bcast(sigma, x64) ** 2 + self.std**2                           # [B, 1]: std² + σ²
-        sq = torch.cdist(x64, self.means).square()                            # [B, K]: ‖x − μ_k‖²
-        logits = self.log_w - sq / (2 * var)                                  # ln w_k + ln N(x; μ_k, var·I) + const
+        # −‖x − μ_k‖²/2 = x·μ_k − ‖μ_k‖²/2 − ‖x‖²/2, and the last term is the same for every k: it cancels in the
+        # softmax. (This form is also what forward-mode AD, used by Analytic-Precond, can differentiate.)
+        logits = log_w + (x64 @ means.T - 0.5 * means.square().sum(1)) / var  # [B, K]
         if labels is not None:
             if self.classes is None:
                 raise ValueError(f"dataset {self.name!r} has no classes, but class labels were given")
-            logits = logits + labels.to(torch.float64)[:, self.classes].log()  # −inf outside the label's class
+            logits = logits + labels.to(torch.float64)[:, self.classes.to(x.device)].log()  # −inf outside the label's class
         p = logits.softmax(dim=1)                                             # [B, K]: p(k | x_σ)
-        shrink = self.std**2 / var                                            # std²/(std² + σ²)
-        mean_k = self.means + shrink[:, :, None] * (x64[:, None, :] - self.means)  # [B, K, d]: E[x_0 | x_σ, k]
-        return torch.einsum("bk,bkd->bd", p, mean_k).to(x.dtype)
+        shrink = self.std**2 / var                                            # [B, 1]: std²/(std² + σ²)
+        # Σ_k p_k·(μ_k + shrink·(x − μ_k)) = (1 − shrink)·Σ_k p_k μ_k + shrink·x
+        return ((1 - shrink) * (p @ means) + shrink * x64).to(x.dtype)
 
     def ode(self, x, t, s, labels=None, steps_per_unit=20):
         """The exact teacher: the PF-ODE solution at σ = s started from x at σ = t (see `ode_solve`)."""

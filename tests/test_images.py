@@ -393,7 +393,7 @@ def test_empirical_teacher_is_an_edm_style_denoiser_with_exact_class_conditionin
     x = x0 + sigma[:, None, None, None] * torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     D_x = teacher(x, sigma)
     assert D_x.dtype == torch.float32 and D_x.shape == x.shape
-    points = teacher.points
+    points = teacher.points.means  # the training images, float64 [N, 64]
     expected = brute_force_posterior_mean(points, x.double().flatten(1), sigma.double())
     torch.testing.assert_close(D_x, expected.float().reshape(x.shape))
 
