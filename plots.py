@@ -24,3 +24,21 @@ def scatter(path, x_data, panels, title="", paths=None, lim=2.0):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def image_grids(path, panels, title="", n=64):
+    """One grid of up to n images per entry of `panels` (name -> [N, C, H, W] in [-1, 1])."""
+    import einops
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    for ax, (name, x) in zip(axes[0], panels.items()):
+        k = int(min(n, len(x)) ** 0.5)
+        grid = einops.rearrange(x[:k * k].float().cpu().clamp(-1, 1), "(r c) C H W -> (r H) (c W) C", r=k)
+        grid = (grid + 1) / 2
+        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
+        ax.set(title=name, xticks=[], yticks=[])
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
