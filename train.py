@@ -87,7 +87,6 @@ if batch_local % batch_gpu:
     parser.error(f"--batch-gpu {batch_gpu} does not divide the per-rank batch {batch_local}")
 accum = batch_local // batch_gpu  # micro-batches per rank and step
 outdir = args.outdir or os.path.join("runs", f"{args.algo}-{data_name.split(':')[0]}")
-torch.manual_seed(args.seed + rank)  # per-rank seed for anything not driven by the explicit generators below
 
 # ---------------------------------------------------------------- data: checked in full before any training
 if is_toy:
@@ -193,6 +192,7 @@ def run(outdir, cfg):
     if master:
         os.makedirs(outdir, exist_ok=True)
     iters, lr = default_iters(), args.lr or (1e-3 if is_toy else 2e-4)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (and so for net_ema and ema, too)
     net = make_network(s_embedding=args.algo == "ctm").to(device)
     if args.init_from_teacher:  # every student starts as the teacher (CM, CTM and MCM all do)
         checkpoint.load_teacher_into_student(net, teacher_net)
@@ -213,6 +213,7 @@ def run(outdir, cfg):
                 analytic_precond.save(precond, stats_path)
             log(f"Analytic-Precond statistics: {time.time() - t0:.1f}s")
     opt = torch.optim.Adam(net.parameters(), lr=lr)
+    torch.manual_seed(args.seed * 1009 + rank)  # per-rank seed for anything not driven by the explicit generators
     ddp_net = torch.nn.parallel.DistributedDataParallel(net) if ddp else net
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     # CTM's adaptive DSM weight differentiates w.r.t. the last layer's weight: the last parameter with ndim > 1.
