@@ -87,7 +87,7 @@ def main():
             # A paper-size step takes seconds to minutes, so its warm-up would double the run for a few percent.
             fp32 = images_per_second(net, B, bf16=False, steps=args.steps, warm_up=tiny)
             bf16 = images_per_second(net, B, bf16=True, steps=args.steps, warm_up=tiny)
-            print(f"| {name:<22} | {params / 1e6:>8.2f}M | {gflops:>10.3f} | {B:>5} | {fp32:>10.1f} | {bf16:>10.1f} |",
+            print(f"| {name:<22} | {params / 1e6:>8.2f}M | {gflops:>10.3f} | {B:>5} | {fp32:>10.3g} | {bf16:>10.3g} |",
                   flush=True)
 
 
