@@ -60,6 +60,8 @@ parser.add_argument("--log-every", type=int, default=100)
 parser.add_argument("--ckpt-every", type=int, default=500, help="checkpoint interval in iterations (0: off)")
 parser.add_argument("--max-skips", type=int, default=20, help="stop after this many non-finite steps in a row")
 parser.add_argument("--eval-samples", type=int, default=2000)
+parser.add_argument("--fid", type=int, default=0, help="images: FID over this many samples at the end (GPU; needs "
+                    "the fid extra; 50000 is the papers' protocol)")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --outdir")
 args = parser.parse_args()
 for flag, algos in ONLY_FOR.items():
@@ -185,6 +187,18 @@ def configs():
 
 def default_iters():
     return args.iters or {"edm": 2000, "cd": 3000, "ctm": 3000, "mcm": 1500}[args.algo] * (1 if is_toy else 2)
+
+
+def generate(cfg, net, noise, labels, nfe, precond, path=None):
+    """Samples from a trained network at `nfe` (EDM: the Heun sampler, whose NFE is fixed by cfg.num_steps)."""
+    if args.algo == "edm":
+        return edm.sample(cfg, lambda x, sigma, y: edm.denoise(net, x, sigma, y), noise, labels)
+    return ALGOS[args.algo].sample(cfg, net, noise, labels, nfe, torch.Generator(noise.device).manual_seed(2), path,
+                                   precond)
+
+
+def eval_nfes(cfg):
+    return [2 * cfg.num_steps - 1] if args.algo == "edm" else [cfg.S] if args.algo == "mcm" else [1, 2, 4]
 
 
 # ---------------------------------------------------------------- one training run
@@ -313,12 +327,34 @@ def run(outdir, cfg):
                 stats_file.flush()
         if args.ckpt_every and step % args.ckpt_every == 0 and master:
             save_checkpoint(step)
+            snapshot(outdir, cfg, ema, precond, step)
     if master and args.ckpt_every and step % args.ckpt_every:
         save_checkpoint(step)
     return evaluate(outdir, cfg, ema, precond, step, time.time() - t_start) if master else None
 
 
 # ---------------------------------------------------------------- evaluation against the teacher (rank 0)
+@torch.no_grad()
+def snapshot(outdir, cfg, net, precond, step, n=512):
+    """A picture of the evaluation EMA's samples at the fewest NFE, written with each checkpoint."""
+    try:
+        import plots
+    except ImportError:
+        return
+    nfe = eval_nfes(cfg)[0]
+    g = torch.Generator().manual_seed(args.seed + 1)
+    noise = torch.randn(n if is_toy else 64, *data_shape, generator=g).to(device)
+    was_training = net.training
+    x = generate(cfg, net.eval(), noise, None if label_dim == 0 else images.one_hot(
+        torch.arange(len(noise), device=device) % label_dim, label_dim), nfe, precond)
+    net.train(was_training)
+    name, title = os.path.join(outdir, f"samples-{step:07d}.png"), f"{args.algo}, iteration {step}, {nfe} NFE"
+    if is_toy:
+        plots.scatter(name, x_train[:n], {f"{nfe} NFE": x}, title)
+    else:
+        plots.image_grids(name, {f"{nfe} NFE": x}, title)
+
+
 @torch.no_grad()
 def evaluate(outdir, cfg, net, precond, step, wall):
     """Samples from the evaluation EMA at each NFE, the teacher gap against the teacher's ODE solution from the
@@ -343,20 +379,20 @@ def evaluate(outdir, cfg, net, precond, step, wall):
     res = {"algo": args.algo, "data": data_name, "iters": step, "wall_time_s": wall,
            "precond": args.precond or "paper",
            "sw2_teacher_to_data": None if x_ref is None else metrics.sliced_wasserstein(x_ref, x_data)}
-    samples, paths = {}, {}
-    if args.algo == "edm":
-        D = lambda x, sigma, y: edm.denoise(net, x, sigma, y)
-        samples[2 * cfg.num_steps - 1] = edm.sample(cfg, D, noise, labels)          # Heun: 2N − 1 NFE
-    else:
-        for nfe in ([cfg.S] if args.algo == "mcm" else [1, 2, 4]):
-            paths[nfe] = []
-            samples[nfe] = ALGOS[args.algo].sample(cfg, net, noise, labels, nfe, torch.Generator().manual_seed(2),
-                                                   paths[nfe], precond)
+    paths = {nfe: [] for nfe in eval_nfes(cfg)}
+    samples = {nfe: generate(cfg, net, noise, labels, nfe, precond, paths[nfe]) for nfe in paths}
     res["by_nfe"] = {nfe: dict(teacher_gap=None if x_ref is None else metrics.teacher_gap(x, x_ref),
                                sw2_to_data=metrics.sliced_wasserstein(x, x_data)) for nfe, x in samples.items()}
     log("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items() if k != "by_nfe"))
     for nfe, m in res["by_nfe"].items():
         log(f"  NFE {nfe:3d}: teacher gap {m['teacher_gap'] or float('nan'):.3e}   SW2 to data {m['sw2_to_data']:.4f}")
+    if args.fid and not is_toy:  # the papers' FID (Inception features via torch-fidelity), on the run's device
+        from data import fid
+        net_fid = net.to(device, torch.float32)
+        for nfe in eval_nfes(cfg):
+            gen = lambda k: generate(cfg, net_fid, torch.randn(k, *data_shape, device=device), None, nfe, precond)
+            res["by_nfe"][nfe]["fid"] = fid.fid(gen, dataset, args.fid)
+            log(f"  NFE {nfe:3d}: FID {res['by_nfe'][nfe]['fid']:.3f} over {args.fid} samples")
     with open(os.path.join(outdir, "metrics.json"), "w") as f:
         json.dump(res, f, indent=2)
     try:
