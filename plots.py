@@ -14,7 +14,7 @@ def scatter(path, x_data, panels, title="", paths=None, lim=2.0):
     for ax, (name, x) in zip(axes[0], panels.items()):
         ax.scatter(*x_data[:, :2].cpu().T, s=2, c="0.75", label="data")
         ax.scatter(*x[:, :2].cpu().T, s=2, c="tab:blue", label="samples")
-        if paths and name in paths:
+        if paths and paths.get(name):  # a trajectory was recorded for this panel
             traj = torch.stack([s[:24, :2].cpu() for s in paths[name]])  # [steps, 24, 2]
             traj = traj.clamp(-lim * 1.5, lim * 1.5)
             ax.plot(traj[:, :, 0], traj[:, :, 1], "-o", ms=2, lw=0.8, c="tab:red", alpha=0.7)
