@@ -110,7 +110,7 @@ def estimate_kappa(cfg, teacher, x0, z, ell, labels=None):
     dell = torch.gradient(ell, spacing=(lam,), edge_order=2)[0]                     # [R] §3.6 step 4: ℓ'(λ)
     kappa = torch.zeros_like(ell)
     for j, t in enumerate((-lam).exp().tolist()):
-        num = den = 0.0
+        num = den = size = 0.0
         for x0_b, z_b, _, y_b in _batches(cfg, x0, z, z, labels):
             x = x0_b + t * z_b
             sigma = torch.full((x.shape[0],), t, dtype=x.dtype)
@@ -119,7 +119,10 @@ def estimate_kappa(cfg, teacher, x0, z, ell, labels=None):
             N = (D - ell[j] * x).to(torch.float64)                                     # [R] §3.3: N_φ = D_φ − ℓx
             N1 = (D1 - dell[j] * x - ell[j] * (D - x)).to(torch.float64)               # [R] §3.5: N_φ^{(1)}
             num, den = num + (N * N1).sum().item(), den + N.square().sum().item()
-        kappa[j] = num / den if den > 0 else 0.0   # N ≡ 0 (Gaussian data): κ is 0/0 and irrelevant, take 0
+            size += D.to(torch.float64).square().sum().item()
+        # Where ‖N_φ‖ is below sqrt(machine ε)·‖D_φ‖ (Gaussian data: N_φ ≡ 0), κ is a ratio of rounding errors
+        # that would blow up e^{K}; take κ = 0 there, the CTM value.
+        kappa[j] = num / den if den > torch.finfo(x0.dtype).eps * size else 0.0
     return kappa
 
 

@@ -44,7 +44,8 @@ def test_jump_from_t_to_t_is_identity(t, c1, c2, backward_anchor):
 
 
 def test_gaussian_data_recovers_ell_and_f_closed_forms():
-    """§3.8: for N(0, σ_d² I), ℓ_t = σ_d²/(σ_d² + t²) and f(t,s) = sqrt((s² + σ_d²)/(t² + σ_d²)).
+    """§3.8: for N(0, σ_d² I), ℓ_t = σ_d²/(σ_d² + t²) and f(t,s) = sqrt((s² + σ_d²)/(t² + σ_d²)), and the
+    teacher-initialised jumper G = β·x_t + α·F_φ is the exact flow f·x_t.
 
     ∇_x D_φ = ℓ_t·I, so each Hutchinson term vᵀJv equals ℓ_t·d: the Monte Carlo error of ℓ is rounding only.
     f then carries the trapezoid error of Λ = ∫(1 − ℓ)dλ plus linear interpolation between grid points,
@@ -63,6 +64,15 @@ def test_gaussian_data_recovers_ell_and_f_closed_forms():
     f, _, _ = ap.f_and_g(stats, t, s)
     err = (f.log() - 0.5 * ((s**2 + SD**2) / (t**2 + SD**2)).log()).abs()
     assert (err <= bound).all(), (err, bound)
+    # N_φ ≡ 0 here, so the teacher-initialised jumper β·x_t + α·F_φ (F_φ = (D_φ − c_skip·x)/c_out, the raw
+    # teacher network) is f·x_t: the exact ODE flow, up to the same bound.
+    x_t = torch.randn(7, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * t[:, None]
+    c_skip, c_out, _, _ = edm.precond(t, SD)
+    F_phi = (ds.denoiser(x_t, t) - c_skip[:, None] * x_t) / c_out[:, None]
+    beta, alpha = ap.coefficients(stats, t, s)
+    G = beta[:, None] * x_t + alpha[:, None] * F_phi
+    x_s = ds.ode(x_t, t, s)
+    assert ((G - x_s).abs() <= (bound * 1.01) * x_s.abs() + 1e-12).all()
 
 
 def consistency_gap(stats, x_t, x_s, D, t, s):
