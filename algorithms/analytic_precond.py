@@ -27,6 +27,7 @@ on a grid uniform in λ, computed once per teacher from forward-noised data.
 | `f`, `g`          | f(t,s), g(t,s)                    | `beta`, `alpha` | β_{s,t} on x_t, α_{s,t} on F |
 | `D`, `N`, `N1`    | D_φ, N_φ, N_φ^{(1)} = dN_φ/dλ      | `teacher`       | D_φ                          |
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -94,7 +95,7 @@ def estimate_ell(cfg, teacher, x0, z, v, labels=None):
         acc = 0.0
         for x0_b, z_b, v_b, y_b in _batches(cfg, x0, z, v, labels):
             x = x0_b + t * z_b                                                      # [R] §3.6 step 2: x_t ~ q_t
-            sigma = torch.full((x.shape[0],), t, dtype=x.dtype)
+            sigma = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
             _, Jv = jvp(lambda x_: teacher(x_, sigma, y_b), (x,), (v_b,))
             acc += (v_b * Jv).to(torch.float64).sum().item()                       # [R] §3.6 step 3: Σ vᵀ J v
         ell[j] = acc / x0.numel()                                                   # Eq. 15: / (K·d)
@@ -113,7 +114,7 @@ def estimate_kappa(cfg, teacher, x0, z, ell, labels=None):
         num = den = size = 0.0
         for x0_b, z_b, _, y_b in _batches(cfg, x0, z, z, labels):
             x = x0_b + t * z_b
-            sigma = torch.full((x.shape[0],), t, dtype=x.dtype)
+            sigma = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
             D = teacher(x, sigma, y_b)
             _, D1 = jvp(lambda x_, s_: teacher(x_, s_, y_b), (x, sigma), (D - x, -sigma))  # D_φ^{(1)} = dD_φ/dλ
             N = (D - ell[j] * x).to(torch.float64)                                     # [R] §3.3: N_φ = D_φ − ℓx
@@ -141,8 +142,8 @@ def compute_stats(cfg, teacher, x0, labels=None, generator=None):
         raise ValueError(f"compute_stats needs cfg.num_samples={cfg.num_samples} samples, got {x0.shape[0]}")
     x0 = x0[:cfg.num_samples]
     labels = None if labels is None else labels[:cfg.num_samples]
-    z = torch.randn(x0.shape, dtype=x0.dtype, generator=generator)
-    v = torch.randint(0, 2, x0.shape, generator=generator).to(x0.dtype) * 2 - 1   # [R] §3.6: Rademacher probes
+    z = torch.randn(x0.shape, dtype=x0.dtype, generator=generator).to(x0.device)
+    v = torch.randint(0, 2, x0.shape, generator=generator).to(x0) * 2 - 1   # [R] §3.6: Rademacher probes
     ell = estimate_ell(cfg, teacher, x0, z, v, labels)
     kappa = estimate_kappa(cfg, teacher, x0, z, ell, labels)
     return Stats(lambda_grid(cfg), ell, kappa, cfg.sigma_data, cfg.backward_anchor,
@@ -151,9 +152,10 @@ def compute_stats(cfg, teacher, x0, labels=None, generator=None):
 
 @torch.no_grad()
 def _fingerprint(teacher, x0, labels):
-    x = x0 + torch.linspace(-1.0, 1.0, x0.numel(), dtype=x0.dtype).reshape(x0.shape)   # fixed probe inputs
-    sigma = torch.tensor([0.1, 0.5, 2.0, 10.0], dtype=x0.dtype)[: x0.shape[0]]
-    return {"x": x, "sigma": sigma, "labels": labels, "D": teacher(x, sigma, labels)}
+    x = x0 + torch.linspace(-1.0, 1.0, x0.numel()).reshape(x0.shape).to(x0)         # fixed probe inputs
+    sigma = torch.tensor([0.1, 0.5, 2.0, 10.0])[: x0.shape[0]].to(x0)
+    cpu = lambda v: None if v is None else v.cpu()
+    return {"x": cpu(x), "sigma": cpu(sigma), "labels": cpu(labels), "D": cpu(teacher(x, sigma, labels))}
 
 
 def save(stats, path):
@@ -162,13 +164,15 @@ def save(stats, path):
                 "backward_anchor": stats.backward_anchor, "fingerprint": stats.fingerprint}, path)
 
 
-def load(path, teacher=None):
-    """Inverse of `save`. With `teacher`, raise if the stored teacher outputs do not match this teacher's."""
+def load(path, teacher=None, device="cpu"):
+    """Inverse of `save`. With `teacher` (running on `device`), raise if the stored teacher outputs do not match
+    this teacher's."""
     d = torch.load(path, weights_only=True)
     stats = Stats(d["lam"], d["ell"], d["kappa"], d["sigma_data"], d["backward_anchor"], d["fingerprint"])
     fp = stats.fingerprint
     if teacher is not None and fp is not None:
-        D = teacher(fp["x"], fp["sigma"], fp["labels"])
+        to = lambda v: None if v is None else v.to(device)
+        D = teacher(to(fp["x"]), to(fp["sigma"]), to(fp["labels"])).cpu()
         if not torch.allclose(D.to(torch.float64), fp["D"].to(torch.float64), rtol=1e-4, atol=1e-5):
             raise ValueError(f"{path}: these Analytic-Precond statistics were computed for a different teacher")
     return stats
@@ -210,6 +214,8 @@ def _at(stats, tables, t):
 def f_and_g(stats, t, s):
     """[R] §3.3 Eq. 13 (first-order): f(t,s) = e^{−(Λ_s − Λ_t)} and g(t,s) (backward or forward anchoring) for
     float64 t ≥ s of shape [B]; also ℓ(t), which `coefficients` needs."""
+    stats = dataclasses.replace(stats, lam=stats.lam.to(t.device), ell=stats.ell.to(t.device),
+                                kappa=stats.kappa.to(t.device))
     tables = integrals(stats)
     Lam_t, K_t, _, I_t, ell_t = _at(stats, tables, t)
     Lam_s, K_s, E_s, I_s, _ = _at(stats, tables, s)

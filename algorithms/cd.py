@@ -88,7 +88,7 @@ def f(cfg, net, x, t, labels=None, precond=None):
 
 def loss(cfg, net, net_ema, teacher, x, labels=None, generator=None, precond=None):
     """Per-example CD loss [B] (Alg. 2) with λ(t_n) ≡ 1 ("uniform", §4) and one teacher Heun step (§3)."""
-    t_grid = edm.sigma_grid(cfg.N, cfg.sigma_min, cfg.sigma_max, cfg.rho)     # descending: t_grid[0] = T (§2)
+    t_grid = edm.sigma_grid(cfg.N, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(x.device)  # descending, [0] = T (§2)
     # §2: n ~ U{1, …, N−1} on the paper's ascending grid = an adjacent pair (idx, idx + 1) on the descending one;
     # the student gets the larger level t_{n+1}, the target the smaller t_n.
     idx = torch.randint(0, cfg.N - 1, (x.shape[0],), generator=generator, device=x.device)        # Alg. 2 l. 4
