@@ -71,21 +71,6 @@ def lambda_grid(cfg):
                           dtype=torch.float64)
 
 
-def jvp(fn, primals, tangents):
-    """J·v by forward mode (torch.func.jvp) [S: "autodiff"]. Some ops have no forward-mode (nor double-backward)
-    derivative in PyTorch, e.g. torch.cdist inside data/toy.py's exact mixture denoiser; for such float64
-    teachers we take a central difference instead, whose error (~1e-10) is far below the Monte Carlo error."""
-    try:
-        return torch.func.jvp(fn, primals, tangents)
-    except NotImplementedError:
-        if any(p.dtype != torch.float64 for p in primals):
-            raise
-        h = 1e-6
-        plus = fn(*(p + h * v for p, v in zip(primals, tangents)))
-        minus = fn(*(p - h * v for p, v in zip(primals, tangents)))
-        return fn(*primals), (plus - minus) / (2 * h)
-
-
 @torch.no_grad()
 def estimate_ell(cfg, teacher, x0, z, v, labels=None):
     """[R] Eq. 15 (§3.5): ℓ_t = E_{q_t} tr(∇_x D_φ(x_t, t)) / d, by Hutchinson vᵀ(∇_x D_φ)v with Rademacher v."""
@@ -96,7 +81,7 @@ def estimate_ell(cfg, teacher, x0, z, v, labels=None):
         for x0_b, z_b, v_b, y_b in _batches(cfg, x0, z, v, labels):
             x = x0_b + t * z_b                                                      # [R] §3.6 step 2: x_t ~ q_t
             sigma = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
-            _, Jv = jvp(lambda x_: teacher(x_, sigma, y_b), (x,), (v_b,))
+            _, Jv = torch.func.jvp(lambda x_: teacher(x_, sigma, y_b), (x,), (v_b,))  # [S] autodiff: J·v
             acc += (v_b * Jv).to(torch.float64).sum().item()                       # [R] §3.6 step 3: Σ vᵀ J v
         ell[j] = acc / x0.numel()                                                   # Eq. 15: / (K·d)
     return ell
@@ -116,7 +101,7 @@ def estimate_kappa(cfg, teacher, x0, z, ell, labels=None):
             x = x0_b + t * z_b
             sigma = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
             D = teacher(x, sigma, y_b)
-            _, D1 = jvp(lambda x_, s_: teacher(x_, s_, y_b), (x, sigma), (D - x, -sigma))  # D_φ^{(1)} = dD_φ/dλ
+            _, D1 = torch.func.jvp(lambda x_, s_: teacher(x_, s_, y_b), (x, sigma), (D - x, -sigma))  # dD_φ/dλ
             N = (D - ell[j] * x).to(torch.float64)                                     # [R] §3.3: N_φ = D_φ − ℓx
             N1 = (D1 - dell[j] * x - ell[j] * (D - x)).to(torch.float64)               # [R] §3.5: N_φ^{(1)}
             num, den = num + (N * N1).sum().item(), den + N.square().sum().item()
@@ -142,8 +127,8 @@ def compute_stats(cfg, teacher, x0, labels=None, generator=None):
         raise ValueError(f"compute_stats needs cfg.num_samples={cfg.num_samples} samples, got {x0.shape[0]}")
     x0 = x0[:cfg.num_samples]
     labels = None if labels is None else labels[:cfg.num_samples]
-    z = torch.randn(x0.shape, dtype=x0.dtype, generator=generator).to(x0.device)
-    v = torch.randint(0, 2, x0.shape, generator=generator).to(x0) * 2 - 1   # [R] §3.6: Rademacher probes
+    z = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
+    v = torch.randint(0, 2, x0.shape, device=x0.device, generator=generator).to(x0) * 2 - 1   # [R] §3.6: Rademacher
     ell = estimate_ell(cfg, teacher, x0, z, v, labels)
     kappa = estimate_kappa(cfg, teacher, x0, z, ell, labels)
     return Stats(lambda_grid(cfg), ell, kappa, cfg.sigma_data, cfg.backward_anchor,
@@ -222,7 +207,7 @@ def f_and_g(stats, t, s):
     f = (Lam_t - Lam_s).exp()                                                       # [R] §3.3: f(t,s)
     g = (tables[4] - E_s).exp() * (I_s - I_t)                                       # [R] §3.3: g_bwd(t,s)
     if not stats.backward_anchor:
-        g = g * (K_s - K_t).exp()                                                   # [R] §3.3: g_fwd = g_bwd·e^{K_s−K_t}
+        g = g * (K_s - K_t).exp()                                        # [R] §3.3: g_fwd = g_bwd·e^{K_s−K_t}
     return f, g, ell_t
 
 

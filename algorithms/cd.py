@@ -100,7 +100,7 @@ def loss(cfg, net, net_ema, teacher, x, labels=None, generator=None, precond=Non
         # fork_rng restores the RNG afterwards, so the student pass below sees the same dropout masks (§4).
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             target = f(cfg, net_ema, x_hat, t_n, labels, precond)                              # f_{θ⁻}(x̂, t_n)
-    pred = f(cfg, net, x_t_n1, t_n1, labels, precond)                                          # f_θ(x_{t_{n+1}}, t_{n+1})
+    pred = f(cfg, net, x_t_n1, t_n1, labels, precond)                                  # f_θ(x_{t_{n+1}}, t_{n+1})
     return DISTANCES[cfg.distance](pred, target, cfg)                                          # Alg. 2 l. 7, λ ≡ 1
 
 

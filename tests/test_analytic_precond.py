@@ -24,7 +24,8 @@ def pairs(a, b):
 @settings(deadline=None, max_examples=200)
 @given(a=T_RANGE, b=T_RANGE, backward_anchor=st.booleans())
 def test_reduces_to_ctm_coefficients_when_ell_and_kappa_vanish(a, b, backward_anchor):
-    """§3.3: ℓ ≡ κ ≡ 0 gives f = s/t, g = 1 − s/t, hence CTM's β = (σ_d² + st)/(σ_d² + t²), α = σ_d(t − s)/sqrt(σ_d² + t²)."""
+    """§3.3: ℓ ≡ κ ≡ 0 gives f = s/t, g = 1 − s/t, hence CTM's β = (σ_d² + st)/(σ_d² + t²) and
+    α = σ_d(t − s)/sqrt(σ_d² + t²)."""
     stats = stats_of(torch.zeros_like, torch.zeros_like, backward_anchor)
     t, s = pairs(a, b)
     beta, alpha = ap.coefficients(stats, t, s)
