@@ -42,3 +42,21 @@ def image_grids(path, panels, title="", n=64):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def trajectories(path, t_teacher, x_teacher, students, sigma_of_t, n=24, title=""):
+    """Heek et al. Fig. 1 for 2D data: the first coordinate of the VP state z_t = x_t/sqrt(1 + σ(t)²) against VP
+    time t, for n sample paths. The teacher's ODE paths (`x_teacher`: [T, N, 2] at times `t_teacher`) are drawn in
+    grey in every panel, the students' few-step paths (name -> (times [S+1], states [S+1, N, 2])) in colour."""
+    vp = lambda t, x: (x[..., 0] / (1 + sigma_of_t(t) ** 2).sqrt()[:, None]).cpu()  # [T, N]
+    fig, axes = plt.subplots(1, len(students), figsize=(3.4 * len(students), 3.2), squeeze=False, sharey=True)
+    for ax, (name, (t, x)) in zip(axes[0], students.items()):
+        ax.plot(t_teacher.cpu(), vp(t_teacher, x_teacher)[:, :n], c="0.7", lw=0.8)
+        ax.plot(t.cpu(), vp(t, x)[:, :n], "-o", c="tab:red", ms=3, lw=1.0)
+        ax.set(title=name, xlabel="t (VP time)", xlim=(1.02, -0.02))
+    axes[0][0].set_ylabel("first coordinate of z_t")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

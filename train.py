@@ -22,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from algorithms import analytic_precond, cd, ctm, edm, mcm
+from algorithms import addim, analytic_precond, cd, ctm, edm, mcm
 from data import images, metrics, toy
 from networks import checkpoint, edm_unet, uvit
 from networks.mlp import MLP
@@ -399,8 +399,8 @@ def evaluate(outdir, cfg, net, precond, step, wall):
         import plots
         title = f"{args.algo} on {data_name}" + (f", S = {cfg.S}" if args.algo == "mcm" else "")
         panels = {**{f"{k} NFE": v for k, v in samples.items()}, **({} if x_ref is None else {"teacher": x_ref})}
-        paths = {f"{k} NFE": v for k, v in paths.items()}
-        png = (plots.scatter(os.path.join(outdir, "samples.png"), x_data, panels, title, paths) if is_toy else
+        named_paths = {f"{k} NFE": v for k, v in paths.items()}
+        png = (plots.scatter(os.path.join(outdir, "samples.png"), x_data, panels, title, named_paths) if is_toy else
                plots.image_grids(os.path.join(outdir, "samples.png"), panels, title))
         log(f"wrote {png}")
     except ImportError as e:
@@ -417,9 +417,18 @@ if master and len(results) > 1:  # MCM over several S: one summary and one Fig. 
     try:
         import plots
         panels = {f"S = {k}": v for r in results for k, v in r[1].items()}
-        paths = {f"S = {k}": v for r in results for k, v in r[2].items()}
         log("wrote", plots.scatter(os.path.join(outdir, "samples.png"), results[0][3],
-                                   {**panels, "teacher": results[0][4]}, "MCM: S-step samples and paths", paths))
+                                   {**panels, "teacher": results[0][4]}, "MCM: S-step samples"))
+        # Heek et al. Fig. 1: S-step paths against the teacher's ODE paths from the same noise, in VP time.
+        paths = {nfe: torch.stack(p)[:, :32] for r in results for nfe, p in r[2].items()}  # [S+1, 32, 2] each
+        t_dense = torch.linspace(1, 0, 65, dtype=torch.float64)
+        sigma_dense = addim.sigma_of_t(t_dense).clamp(min=edm.SIGMA_MIN)  # the exact ODE stops at σ_min, not 0
+        states = [next(iter(paths.values()))[0]]  # the students' common start x_T = σ_max·noise
+        for sigma_cur, sigma_next in zip(sigma_dense[:-1], sigma_dense[1:]):
+            states.append(toy.ode_solve(dataset.denoiser, states[-1], sigma_cur, sigma_next))
+        students = {f"S = {nfe}": (torch.linspace(1, 0, nfe + 1, dtype=torch.float64), p) for nfe, p in paths.items()}
+        log("wrote", plots.trajectories(os.path.join(outdir, "trajectories.png"), t_dense, torch.stack(states),
+                                        students, addim.sigma_of_t, title="MCM paths (red) and teacher ODE (grey)"))
     except ImportError:
         pass
 if ddp:
