@@ -29,6 +29,7 @@ from networks.mlp import MLP
 
 ALGOS = {"edm": edm, "cd": cd, "ctm": ctm, "mcm": mcm}  # --algo name -> algorithm module
 ONLY_FOR = {"precond": ("cd", "ctm"), "distance": ("cd", "ctm"), "mu": ("cd", "ctm"), "student_steps": ("mcm",),
+            "gamma": ("ctm",), "no_dsm": ("ctm",),
             "teacher": ("cd", "ctm", "mcm"), "init_from_teacher": ("cd", "ctm", "mcm")}
 ARCHS = {**{k: (edm_unet.SongUNet, v) for k, v in edm_unet.SONGUNET_CONFIGS.items()},
          **{k: (edm_unet.DhariwalUNet, v) for k, v in edm_unet.DHARIWALUNET_CONFIGS.items()},
@@ -44,7 +45,8 @@ parser.add_argument("--outdir", default=None, help="output folder (default runs/
 parser.add_argument("--iters", type=int, default=None, help="training iterations (default: per algorithm)")
 parser.add_argument("--batch", type=int, default=256, help="global batch size, split across ranks")
 parser.add_argument("--batch-gpu", type=int, default=None, help="per-rank micro-batch (gradient accumulation)")
-parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3 on toys, 2e-4 images)")
+parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3 on toys, 2e-3 for ctm, "
+                    "2e-4 on images)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
 parser.add_argument("--xflip", action="store_true", help="random horizontal flips of images")
@@ -54,6 +56,8 @@ parser.add_argument("--init-from-teacher", action="store_true", help="initialise
 parser.add_argument("--precond", default=None, choices=["paper", "analytic"], help="cd/ctm: outer coefficients")
 parser.add_argument("--distance", default=None, choices=sorted(cd.DISTANCES), help="cd/ctm: the distance d")
 parser.add_argument("--mu", type=float, default=None, help="cd/ctm: target EMA rate μ of θ⁻ (default: the paper's)")
+parser.add_argument("--gamma", type=float, default=None, help="ctm: γ of the γ-sampler (0 deterministic, 1 CM's)")
+parser.add_argument("--no-dsm", action="store_true", help="ctm: train without the DSM term")
 parser.add_argument("--student-steps", default=None, help="mcm: S, or a comma list trained one after the other")
 parser.add_argument("--ema-halflife", type=float, default=20_000, help="evaluation EMA half-life in samples")
 parser.add_argument("--log-every", type=int, default=100)
@@ -176,7 +180,11 @@ def autocast():
 def configs():
     """The algorithm's Config with the paper's defaults, overridden by the flags given: one per run."""
     cfg = ALGOS[args.algo].Config()
-    overrides = {k: getattr(args, k) for k in ("distance", "mu") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("distance", "mu", "gamma") if getattr(args, k) is not None}
+    if args.no_dsm:
+        overrides["use_dsm"] = False
+    if args.algo == "ctm" and is_toy and args.mu is None:
+        overrides["mu"] = 0.99  # CTM's μ = 0.999 is for 100k+ iterations; a few thousand need a faster target
     if args.algo != "mcm":
         return [(outdir, dataclasses.replace(cfg, **overrides))]
     steps = [int(S) for S in (args.student_steps or "1,2,4,8").split(",")]
@@ -205,7 +213,7 @@ def eval_nfes(cfg):
 def run(outdir, cfg):
     if master:
         os.makedirs(outdir, exist_ok=True)
-    iters, lr = default_iters(), args.lr or (1e-3 if is_toy else 2e-4)
+    iters, lr = default_iters(), args.lr or ((2e-3 if args.algo == "ctm" else 1e-3) if is_toy else 2e-4)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (and so for net_ema and ema, too)
     net = make_network(s_embedding=args.algo == "ctm").to(device)
     if args.init_from_teacher:  # every student starts as the teacher (CM, CTM and MCM all do)
@@ -230,8 +238,9 @@ def run(outdir, cfg):
     torch.manual_seed(args.seed * 1009 + rank)  # per-rank seed for anything not driven by the explicit generators
     ddp_net = torch.nn.parallel.DistributedDataParallel(net) if ddp else net
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    # CTM's adaptive DSM weight differentiates w.r.t. the last layer's weight: the last parameter with ndim > 1.
-    last_layer = [p for p in net.parameters() if p.ndim > 1][-1]
+    # CTM's adaptive DSM weight differentiates w.r.t. the output layer's weight: the last weight matrix or kernel
+    # registered, skipping the s-input's layers, which every network registers after its output layer.
+    last_layer = [p for k, p in net.named_parameters() if p.ndim > 1 and not checkpoint.is_s_key(k)][-1]
 
     def training_loss(x, labels, step, g):
         if args.algo == "edm":
