@@ -132,21 +132,23 @@ def global_batch_indices(step):
 
 
 # ---------------------------------------------------------------- the teacher φ (frozen) and the student's network
+arch = None if is_toy else args.arch or f"tiny-ddpmpp-{dataset.resolution}"
+if args.arch and (is_toy or arch not in ARCHS):
+    parser.error(f"--arch {args.arch!r}: " + ("toys use the 2D MLP" if is_toy else f"choose one of {', '.join(ARCHS)}"))
+teacher_arch = None  # (class, kwargs) of a published teacher: the student copies its architecture
+
+
 def make_network(s_embedding):
-    if is_toy:
+    """A raw network F: the published teacher's architecture, else the 2D MLP for toys, else the named image
+    architecture fitted to the data's channels and labels."""
+    if teacher_arch is None and is_toy:
         return MLP(dim=dataset.dim, label_dim=label_dim, s_embedding=s_embedding)
-    arch = args.arch or f"tiny-ddpmpp-{dataset.resolution}"
-    if arch not in ARCHS:
-        parser.error(f"--arch {arch!r}: unknown; choose one of {', '.join(ARCHS)}")
-    cls, kwargs = ARCHS[arch]
-    return cls(**{**kwargs, **network_overrides(cls)}, s_embedding=s_embedding)
-
-
-def network_overrides(cls):
-    """Fit a named architecture to the data: channels, and labels when the data has them."""
-    if cls is uvit.UViT:
-        return dict(img_channels=dataset.channels, label_dim=label_dim)
-    return dict(in_channels=dataset.channels, out_channels=dataset.channels, label_dim=label_dim)
+    cls, kwargs = teacher_arch or ARCHS[arch]
+    if teacher_arch is None:
+        fit = dict(label_dim=label_dim, **(dict(img_channels=dataset.channels) if cls is uvit.UViT else
+                                           dict(in_channels=dataset.channels, out_channels=dataset.channels)))
+        kwargs = {**kwargs, **fit}
+    return cls(**kwargs, s_embedding=s_embedding)
 
 
 teacher_net = None  # the teacher's raw network, when the teacher is one (for --init-from-teacher)
@@ -158,9 +160,10 @@ elif args.teacher in (None, "exact"):
         parser.error("--init-from-teacher needs a teacher network (--teacher FILE), not the exact denoiser")
 else:
     try:
-        if args.teacher.endswith(".pkl"):
-            teacher_net = checkpoint.load_edm_pickle(args.teacher).net
-        else:  # a checkpoint of this script's --algo edm, with the same data and architecture
+        if args.teacher.endswith(".pkl"):  # NVlabs EDM: read without executing the code inside the pickle
+            published = checkpoint.load_edm_pickle(args.teacher)
+            teacher_net, teacher_arch = published.net, (type(published.net), published.net_kwargs)
+        else:  # a checkpoint of this script's --algo edm, with the same data and --arch
             teacher_net = make_network(False)
             state = torch.load(args.teacher, map_location="cpu", weights_only=True)
             teacher_net.load_state_dict(state["ema"] if isinstance(state, dict) and "ema" in state else state)

@@ -122,7 +122,23 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_a_clear_message(tmp_path):
     (["--algo", "cd", "--init-from-teacher"], "--init-from-teacher needs a teacher network"),
     (["--algo", "cd", "--data", "npz:/nonexistent.npz"], "/nonexistent.npz: no such file"),
     (["--algo", "cd", "--teacher", "/nonexistent.pt"], "--teacher /nonexistent.pt"),
+    (["--algo", "cd", "--arch", "tiny-uvit-8"], "--arch 'tiny-uvit-8': toys use the 2D MLP"),
+    (["--algo", "cd", "--cond", "--data", "spiral"], "--cond: the dataset 'spiral' has no class labels"),
 ])
 def test_the_cli_rejects_bad_combinations_with_a_message(tmp_path, args, message):
     p = run([*args, "--outdir", str(tmp_path)], check=False)
     assert p.returncode == 2 and message in p.stderr, p.stderr
+
+
+def test_a_teacher_that_does_not_match_the_data_is_refused_before_training(tmp_path):
+    import numpy as np
+
+    run(["--algo", "edm", "--data", "digits", "--iters", "2", "--ckpt-every", "2", "--batch", "8", "--eval-samples",
+         "8", "--outdir", str(tmp_path / "teacher")])  # a 1-channel 8x8 teacher
+    rgb = tmp_path / "rgb.npz"
+    np.savez(rgb, x=np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8))
+    ckpt = sorted((tmp_path / "teacher").glob("ckpt-*.pt"))[-1]
+    p = run(["--algo", "cd", "--data", f"npz:{rgb}", "--teacher", str(ckpt), "--outdir", str(tmp_path / "cd")],
+            check=False)
+    assert p.returncode == 2 and f"--teacher {ckpt}" in p.stderr and "size mismatch" in p.stderr, p.stderr
+    assert not (tmp_path / "cd").exists()  # refused before anything was written
