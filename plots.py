@@ -3,6 +3,9 @@
 import matplotlib
 import torch
 
+from algorithms import addim, edm
+from data import toy
+
 matplotlib.use("Agg")  # no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -60,3 +63,16 @@ def trajectories(path, t_teacher, x_teacher, students, sigma_of_t, n=24, title="
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def mcm_paths(path, denoiser, students, num=64):
+    """Heek et al. Fig. 1: each student's S-step path (name -> states [S+1, N, 2], at VP times k/S) against the exact
+    teacher ODE from the same start x_T, integrated through `num` VP-time steps of MCM's schedule (addim.sigma_of_t)."""
+    t_dense = torch.linspace(1, 0, num + 1, dtype=torch.float64)
+    sigma_dense = addim.sigma_of_t(t_dense).clamp(min=edm.SIGMA_MIN)  # the exact ODE stops at σ_min, not at 0
+    states = [next(iter(students.values()))[0]]  # the students' common start x_T = σ_max·noise
+    for sigma_cur, sigma_next in zip(sigma_dense[:-1], sigma_dense[1:]):
+        states.append(toy.ode_solve(denoiser, states[-1], sigma_cur, sigma_next))
+    timed = {k: (torch.linspace(1, 0, len(x), dtype=torch.float64), x) for k, x in students.items()}
+    return trajectories(path, t_dense, torch.stack(states), timed, addim.sigma_of_t,
+                        title="MCM paths (red) and the teacher's ODE paths (grey)")

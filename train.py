@@ -427,26 +427,20 @@ def evaluate(outdir, cfg, net, precond, step, wall):
 
 
 results = [run(d, cfg) for d, cfg in configs()]
-if master and len(results) > 1:  # MCM over several S: one summary and one Fig. 1-style picture of the paths
+if master and len(results) > 1:  # MCM over several S: one summary (and for toys a Fig. 1-style picture of the paths)
     summary = {f"S={nfe}": m for r in results for nfe, m in r[0]["by_nfe"].items()}
     summary["teacher_sw2_to_data"] = results[0][0]["sw2_teacher_to_data"]
     with open(os.path.join(outdir, "metrics.json"), "w") as f:
         json.dump(summary, f, indent=2)
     try:
         import plots
+        if not is_toy:
+            raise ImportError("pictures of paths are drawn for 2D data only")
         panels = {f"S = {k}": v for r in results for k, v in r[1].items()}
         log("wrote", plots.scatter(os.path.join(outdir, "samples.png"), results[0][3],
                                    {**panels, "teacher": results[0][4]}, "MCM: S-step samples"))
-        # Heek et al. Fig. 1: S-step paths against the teacher's ODE paths from the same noise, in VP time.
-        paths = {nfe: torch.stack(p)[:, :32] for r in results for nfe, p in r[2].items()}  # [S+1, 32, 2] each
-        t_dense = torch.linspace(1, 0, 65, dtype=torch.float64)
-        sigma_dense = addim.sigma_of_t(t_dense).clamp(min=edm.SIGMA_MIN)  # the exact ODE stops at σ_min, not 0
-        states = [next(iter(paths.values()))[0]]  # the students' common start x_T = σ_max·noise
-        for sigma_cur, sigma_next in zip(sigma_dense[:-1], sigma_dense[1:]):
-            states.append(toy.ode_solve(dataset.denoiser, states[-1], sigma_cur, sigma_next))
-        students = {f"S = {nfe}": (torch.linspace(1, 0, nfe + 1, dtype=torch.float64), p) for nfe, p in paths.items()}
-        log("wrote", plots.trajectories(os.path.join(outdir, "trajectories.png"), t_dense, torch.stack(states),
-                                        students, addim.sigma_of_t, title="MCM paths (red) and teacher ODE (grey)"))
+        paths = {f"S = {nfe}": torch.stack(p)[:, :32] for r in results for nfe, p in r[2].items()}  # [S+1, 32, 2]
+        log("wrote", plots.mcm_paths(os.path.join(outdir, "trajectories.png"), dataset.denoiser, paths))
     except ImportError:
         pass
 if ddp:
