@@ -48,3 +48,14 @@ def test_torchrun_single_process_gives_the_same_result_as_python(tmp_path):
 def test_bad_arguments_are_refused_with_a_message_naming_them(tmp_path, args, message):
     p = run([*args, "--outdir", str(tmp_path)], check=False)
     assert p.returncode == 2 and message in p.stderr
+
+
+@pytest.mark.parametrize("algo", ["cd", "ctm", "mcm"])
+def test_image_runs_distil_the_exact_digits_teacher_with_a_unet(tmp_path, algo):
+    pytest.importorskip("sklearn")
+    extra = ["--student-steps", "2"] if algo == "mcm" else []
+    run(["--algo", algo, "--data", "digits", "--iters", "3", "--batch", "8", "--eval-samples", "8", "--log-every", "1",
+         "--ckpt-every", "3", "--outdir", str(tmp_path), *extra])
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["data"] == "digits" and all(v["teacher_gap"] > 0 for v in m["by_nfe"].values())
+    assert (tmp_path / "samples.png").stat().st_size > 1000 and (tmp_path / "samples-0000003.png").exists()
