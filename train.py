@@ -444,4 +444,5 @@ if master and len(results) > 1:  # MCM over several S: one summary (and for toys
     except ImportError:
         pass
 if ddp:
+    dist.barrier()  # the other ranks wait for rank 0's evaluation: tearing gloo down under it aborts the process
     dist.destroy_process_group()
