@@ -243,6 +243,11 @@ def run(outdir, cfg):
             if master:
                 analytic_precond.save(precond, stats_path)
             log(f"Analytic-Precond statistics: {time.time() - t0:.1f}s")
+        T, eps = torch.tensor([edm.SIGMA_MAX], dtype=torch.float64), torch.tensor([edm.SIGMA_MIN], dtype=torch.float64)
+        alpha = analytic_precond.coefficients(precond, T, eps)[1].item()
+        if abs(alpha) > 10 * edm.SIGMA_DATA:  # CTM's α(T, ε) ≈ σ_data; the paper says the two nearly coincide
+            log(f"warning: Analytic-Precond's α(T, ε) = {alpha:.3g}, far from CTM's {edm.SIGMA_DATA}: on this data the "
+                f"reconstructed coefficients are ill-conditioned and training may diverge (docs/results.md, claim 1)")
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     torch.manual_seed(args.seed * 1009 + rank)  # per-rank seed for anything not driven by the explicit generators
     ddp_net = torch.nn.parallel.DistributedDataParallel(net) if ddp else net
