@@ -67,6 +67,8 @@ class Stats:
 
 def lambda_grid(cfg):
     """[R] §3.6: J + 1 points uniform in λ = −ln t from λ_T = −ln σ_max to −ln σ_min (ascending λ, descending t)."""
+    if cfg.num_intervals < 2:  # ℓ'(λ) is a second-order finite difference, which needs three grid points
+        raise ValueError(f"analytic_precond.Config.num_intervals must be >= 2, got {cfg.num_intervals}")
     return torch.linspace(-math.log(cfg.sigma_max), -math.log(cfg.sigma_min), cfg.num_intervals + 1,
                           dtype=torch.float64)
 

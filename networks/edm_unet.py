@@ -179,7 +179,8 @@ def interleaved_qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor
     with torch.autocast(qkv.device.type, enabled=False):
         a = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float().transpose(1, 2),
                                            v.float().transpose(1, 2))             # [B·heads, HW, c_head]
-    return a.transpose(1, 2).reshape(B, C, H, W).to(qkv.dtype)
+    # contiguous: forward-mode AD through the following group_norm (Analytic-Precond's JVPs) refuses a strided view
+    return a.transpose(1, 2).reshape(B, C, H, W).contiguous().to(qkv.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
