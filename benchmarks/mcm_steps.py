@@ -15,6 +15,7 @@ runs/benchmark_cache/ (git-ignored), where `mcm_teacher_step` (claim 5) finds it
     python -m benchmarks.mcm_steps [--quick] [--out docs/results/mcm_steps]     (--quick writes *_quick.{json,png})
 """
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -35,6 +36,18 @@ FULL = dict(data=("two_modes", "ring8"), S=(1, 2, 4, 8), seeds=(0, 2), iters=150
 QUICK = dict(data=("two_modes",), S=(1, 2), seeds=(0, 1), iters=60, batch=128, lr=1e-3, n_eval=512, n_data=4096)
 
 CACHE = "runs/benchmark_cache"  # per-run metrics (git-ignored), shared by mcm_steps and mcm_teacher_step
+# The sources a run's numbers depend on: editing any of them changes the cache key, so stale runs are never reused.
+SOURCES = ("algorithms/mcm.py", "algorithms/addim.py", "algorithms/edm.py", "data/toy.py", "data/metrics.py",
+           "networks/mlp.py", "benchmarks/common.py")
+
+
+def code_fingerprint():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha1()
+    for name in SOURCES:
+        with open(os.path.join(root, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:10]
 
 
 def eval_set(dataset, seed, n, n_data):
@@ -81,7 +94,8 @@ def train_and_eval(p, dataset, S, seed, addim_teacher, noise, x_ode, x_data):
 def run_arm(p, data, addim_teacher, cache=CACHE):
     """Per-seed results {seed: {"teacher": ..., "S": {S: student and baseline metrics}}} for one dataset and one
     teacher step (aDDIM, as Alg. 1, or DDIM). Each run's metrics are kept in `cache` (a folder; None: off), keyed by
-    everything that determines them, so claim 5's aDDIM arm and a rerun reuse claim 2's runs instead of retraining."""
+    everything that determines them (settings and the sources' fingerprint), so claim 5's aDDIM arm and a rerun reuse
+    claim 2's runs instead of retraining."""
     dataset = toy.DATASETS[data]()
     out = {}
     for seed in p["seeds"]:
@@ -91,7 +105,7 @@ def run_arm(p, data, addim_teacher, cache=CACHE):
         for S in p["S"]:
             t0 = time.time()
             key = dict(data=data, S=S, seed=seed, addim_teacher=addim_teacher,
-                       **{k: p[k] for k in ("iters", "batch", "lr", "n_eval", "n_data")})
+                       **{k: p[k] for k in ("iters", "batch", "lr", "n_eval", "n_data")}, code=code_fingerprint())
             path = cache and os.path.join(cache, "mcm_" + "_".join(f"{k}{v}" for k, v in key.items()) + ".json")
             cached = bool(path) and os.path.exists(path)
             if cached:
