@@ -134,11 +134,11 @@ def compute_stats(cfg, teacher, x0, labels=None, generator=None):
     ell = estimate_ell(cfg, teacher, x0, z, v, labels)
     kappa = estimate_kappa(cfg, teacher, x0, z, ell, labels)
     return Stats(lambda_grid(cfg), ell, kappa, cfg.sigma_data, cfg.backward_anchor,
-                 _fingerprint(teacher, x0[:4], None if labels is None else labels[:4]))
+                 _teacher_probe(teacher, x0[:4], None if labels is None else labels[:4]))
 
 
 @torch.no_grad()
-def _fingerprint(teacher, x0, labels):
+def _teacher_probe(teacher, x0, labels):
     x = x0 + torch.linspace(-1.0, 1.0, x0.numel()).reshape(x0.shape).to(x0)         # fixed probe inputs
     sigma = torch.tensor([0.1, 0.5, 2.0, 10.0])[: x0.shape[0]].to(x0)
     cpu = lambda v: None if v is None else v.cpu()
