@@ -76,3 +76,10 @@ def mcm_paths(path, denoiser, students, num=64):
     timed = {k: (torch.linspace(1, 0, len(x), dtype=torch.float64), x) for k, x in students.items()}
     return trajectories(path, t_dense, torch.stack(states), timed, addim.sigma_of_t,
                         title="MCM paths (red) and the teacher's ODE paths (grey)")
+
+
+def samples(path, panels, title="", x_data=None, paths=None):
+    """Scatter plots over the data for 2D samples ([N, 2]), image grids for images ([N, C, H, W])."""
+    if next(iter(panels.values())).ndim == 2:
+        return scatter(path, x_data, panels, title, paths)
+    return image_grids(path, panels, title)

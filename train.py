@@ -22,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from algorithms import addim, analytic_precond, cd, ctm, edm, mcm
+from algorithms import analytic_precond, cd, ctm, edm, mcm
 from data import images, metrics, toy
 from networks import checkpoint, edm_unet, uvit
 from networks.mlp import MLP
@@ -357,13 +357,18 @@ def run(outdir, cfg):
 
 
 # ---------------------------------------------------------------- evaluation against the teacher (rank 0)
+def picture(draw, path, *a, **k):
+    """Write a picture with `plots.<draw>`; without the optional matplotlib, say so once per picture and go on."""
+    try:
+        import plots
+    except ImportError as e:
+        return log(f"no picture {path} ({e}); install the plot extra: pip install -e '.[plot]'")
+    log(f"wrote {getattr(plots, draw)(path, *a, **k)}")
+
+
 @torch.no_grad()
 def snapshot(outdir, cfg, net, precond, step, n=512):
     """A picture of the evaluation EMA's samples at the fewest NFE, written with each checkpoint."""
-    try:
-        import plots
-    except ImportError:
-        return
     nfe = eval_nfes(cfg)[0]
     g = torch.Generator().manual_seed(args.seed + 1)
     noise = torch.randn(n if is_toy else 64, *data_shape, generator=g).to(device)
@@ -371,11 +376,8 @@ def snapshot(outdir, cfg, net, precond, step, n=512):
     x = generate(cfg, net.eval(), noise, None if label_dim == 0 else images.one_hot(
         torch.arange(len(noise), device=device) % label_dim, label_dim), nfe, precond)
     net.train(was_training)
-    name, title = os.path.join(outdir, f"samples-{step:07d}.png"), f"{args.algo}, iteration {step}, {nfe} NFE"
-    if is_toy:
-        plots.scatter(name, x_train[:n], {f"{nfe} NFE": x}, title)
-    else:
-        plots.image_grids(name, {f"{nfe} NFE": x}, title)
+    picture("samples", os.path.join(outdir, f"samples-{step:07d}.png"), {f"{nfe} NFE": x},
+            f"{args.algo}, iteration {step}, {nfe} NFE", x_train[:n] if is_toy else None)
 
 
 @torch.no_grad()
@@ -418,16 +420,9 @@ def evaluate(outdir, cfg, net, precond, step, wall):
             log(f"  NFE {nfe:3d}: FID {res['by_nfe'][nfe]['fid']:.3f} over {args.fid} samples")
     with open(os.path.join(outdir, "metrics.json"), "w") as f:
         json.dump(res, f, indent=2)
-    try:
-        import plots
-        title = f"{args.algo} on {data_name}" + (f", S = {cfg.S}" if args.algo == "mcm" else "")
-        panels = {**{f"{k} NFE": v for k, v in samples.items()}, **({} if x_ref is None else {"teacher": x_ref})}
-        named_paths = {f"{k} NFE": v for k, v in paths.items()}
-        png = (plots.scatter(os.path.join(outdir, "samples.png"), x_data, panels, title, named_paths) if is_toy else
-               plots.image_grids(os.path.join(outdir, "samples.png"), panels, title))
-        log(f"wrote {png}")
-    except ImportError as e:
-        log(f"no picture ({e}); install the plot extra: pip install -e '.[plot]'")
+    panels = {**{f"{k} NFE": v for k, v in samples.items()}, **({} if x_ref is None else {"teacher": x_ref})}
+    picture("samples", os.path.join(outdir, "samples.png"), panels, f"{args.algo} on {data_name}" +
+            (f", S = {cfg.S}" if args.algo == "mcm" else ""), x_data, {f"{k} NFE": v for k, v in paths.items()})
     return res, samples, paths, x_data, x_ref
 
 
@@ -437,17 +432,11 @@ if master and len(results) > 1:  # MCM over several S: one summary (and for toys
     summary["teacher_sw2_to_data"] = results[0][0]["sw2_teacher_to_data"]
     with open(os.path.join(outdir, "metrics.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    try:
-        import plots
-        if not is_toy:
-            raise ImportError("pictures of paths are drawn for 2D data only")
-        panels = {f"S = {k}": v for r in results for k, v in r[1].items()}
-        log("wrote", plots.scatter(os.path.join(outdir, "samples.png"), results[0][3],
-                                   {**panels, "teacher": results[0][4]}, "MCM: S-step samples"))
+    picture("samples", os.path.join(outdir, "samples.png"), {**{f"S = {k}": v for r in results for k, v in r[1].items()},
+            **({} if results[0][4] is None else {"teacher": results[0][4]})}, "MCM: S-step samples", results[0][3])
+    if is_toy:  # Heek et al. Fig. 1: the S-step paths against the teacher's ODE paths from the same noise
         paths = {f"S = {nfe}": torch.stack(p)[:, :32] for r in results for nfe, p in r[2].items()}  # [S+1, 32, 2]
-        log("wrote", plots.mcm_paths(os.path.join(outdir, "trajectories.png"), dataset.denoiser, paths))
-    except ImportError:
-        pass
+        picture("mcm_paths", os.path.join(outdir, "trajectories.png"), dataset.denoiser, paths)
 if ddp:
     dist.barrier()  # the other ranks wait for rank 0's evaluation: tearing gloo down under it aborts the process
     dist.destroy_process_group()
