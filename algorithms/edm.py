@@ -125,6 +125,26 @@ def heun_step(D, x, t_cur, t_next, labels=None):
     return torch.where(last, x_next, x_heun)
 
 
+def ema_beta(batch, halflife, seen=None, rampup=None):
+    """EDM's EMA decay per optimizer step, β = 0.5^(batch / H) for a half-life of H training samples (EDM's training
+    configuration: H = 0.5 Mimg on CIFAR-10). With `rampup`, the half-life is min(H, rampup·seen) after `seen`
+    samples (EDM's public training code uses 0.05), so that the average soon forgets the random start."""
+    if rampup is not None and seen is not None:
+        halflife = min(halflife, rampup * seen)
+    return 0.5 ** (batch / max(halflife, 1e-8))
+
+
+@torch.no_grad()
+def ema_update_(avg, net, rate):
+    """avg ← rate·avg + (1 − rate)·net over every parameter, in place: EDM's evaluation EMA with rate β, and the
+    consistency models' target network θ⁻ ← stopgrad(μ·θ⁻ + (1 − μ)·θ) with rate μ (Song et al. Alg. 2). One
+    fused `_foreach_lerp_` instead of a Python loop over parameters."""
+    targets, sources = list(avg.parameters()), list(net.parameters())
+    if len(targets) != len(sources):
+        raise ValueError(f"EMA over {len(targets)} parameters from a network with {len(sources)}")
+    torch._foreach_lerp_(targets, sources, 1.0 - rate)
+
+
 @torch.no_grad()
 def sample(cfg, D, noise, labels=None, num_steps=None):
     """Deterministic Heun sampler, Alg. 1 with σ(t) = t, s(t) = 1: `num_steps` Karras levels plus σ_N = 0, so
