@@ -210,8 +210,9 @@ def generate(cfg, net, noise, labels, nfe, precond, path=None):
     """Samples from a trained network at `nfe` (EDM: the Heun sampler, whose NFE is fixed by cfg.num_steps)."""
     if args.algo == "edm":
         return edm.sample(cfg, lambda x, sigma, y: edm.denoise(net, x, sigma, y), noise, labels)
+    outer = None if precond is None else lambda t, s: analytic_precond.coefficients(precond, t, s)
     return ALGOS[args.algo].sample(cfg, net, noise, labels, nfe, torch.Generator(noise.device).manual_seed(2), path,
-                                   precond)
+                                   outer)
 
 
 def eval_nfes(cfg):
@@ -256,13 +257,15 @@ def run(outdir, cfg):
     # registered, skipping the s-input's layers, which every network registers after its output layer.
     last_layer = [p for k, p in net.named_parameters() if p.ndim > 1 and not checkpoint.is_s_key(k)][-1]
 
+    outer = None if precond is None else lambda t, s: analytic_precond.coefficients(precond, t, s)
+
     def training_loss(x, labels, step, g):
         if args.algo == "edm":
             return edm.loss(cfg, ddp_net, x, labels, generator=g)
         if args.algo == "cd":
-            return cd.loss(cfg, ddp_net, net_ema, teacher, x, labels, generator=g, precond=precond)
+            return cd.loss(cfg, ddp_net, net_ema, teacher, x, labels, generator=g, outer=outer)
         if args.algo == "ctm":
-            return ctm.loss(cfg, ddp_net, net_ema, teacher, x, labels, generator=g, precond=precond,
+            return ctm.loss(cfg, ddp_net, net_ema, teacher, x, labels, generator=g, outer=outer,
                             last_layer=last_layer)
         return mcm.loss(cfg, ddp_net, teacher, x, labels, step=step, generator=g)
 
