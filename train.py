@@ -28,6 +28,7 @@ from networks import checkpoint, edm_unet, uvit
 from networks.mlp import MLP
 
 ALGOS = {"edm": edm, "cd": cd, "ctm": ctm, "mcm": mcm}  # --algo name -> algorithm module
+DISTANCES = {"squared_l2": edm.squared_l2, "l2": edm.l2, "pseudo_huber": edm.pseudo_huber}  # --distance -> d(a, b)
 ONLY_FOR = {"precond": ("cd", "ctm"), "distance": ("cd", "ctm"), "mu": ("cd", "ctm"), "student_steps": ("mcm",),
             "gamma": ("ctm",), "no_dsm": ("ctm",),
             "teacher": ("cd", "ctm", "mcm"), "init_from_teacher": ("cd", "ctm", "mcm")}
@@ -55,7 +56,7 @@ parser.add_argument("--teacher", default=None, help="teacher: 'exact' (default; 
                     "EDM .pkl, or a checkpoint written by this script for --algo edm")
 parser.add_argument("--init-from-teacher", action="store_true", help="initialise the student from the teacher")
 parser.add_argument("--precond", default=None, choices=["paper", "analytic"], help="cd/ctm: outer coefficients")
-parser.add_argument("--distance", default=None, choices=sorted(cd.DISTANCES), help="cd/ctm: the distance d")
+parser.add_argument("--distance", default=None, choices=sorted(DISTANCES), help="cd/ctm: the distance d")
 parser.add_argument("--mu", type=float, default=None, help="cd/ctm: target EMA rate μ of θ⁻ (default: the paper's)")
 parser.add_argument("--gamma", type=float, default=None, help="ctm: γ of the γ-sampler (0 deterministic, 1 CM's)")
 parser.add_argument("--no-dsm", action="store_true", help="ctm: train without the DSM term")
@@ -187,7 +188,7 @@ def autocast():
 def configs():
     """The algorithm's Config with the paper's defaults, overridden by the flags given: one per run."""
     cfg = ALGOS[args.algo].Config()
-    overrides = {k: getattr(args, k) for k in ("distance", "mu", "gamma") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("mu", "gamma") if getattr(args, k) is not None}
     if args.no_dsm:
         overrides["use_dsm"] = False
     if is_toy and args.mu is None and args.algo in ("cd", "ctm"):
@@ -210,8 +211,11 @@ def generate(cfg, net, noise, labels, nfe, precond, path=None):
     """Samples from a trained network at `nfe` (EDM: the Heun sampler, whose NFE is fixed by cfg.num_steps)."""
     if args.algo == "edm":
         return edm.sample(cfg, lambda x, sigma, y: edm.denoise(net, x, sigma, y), noise, labels)
+    if args.algo == "mcm":
+        return mcm.sample(cfg, net, noise, labels, nfe, path)
+    outer = None if precond is None else lambda t, s: analytic_precond.coefficients(precond, t, s)
     return ALGOS[args.algo].sample(cfg, net, noise, labels, nfe, torch.Generator(noise.device).manual_seed(2), path,
-                                   precond)
+                                   outer)
 
 
 def eval_nfes(cfg):
@@ -256,14 +260,17 @@ def run(outdir, cfg):
     # registered, skipping the s-input's layers, which every network registers after its output layer.
     last_layer = [p for k, p in net.named_parameters() if p.ndim > 1 and not checkpoint.is_s_key(k)][-1]
 
+    outer = None if precond is None else lambda t, s: analytic_precond.coefficients(precond, t, s)
+    distance = DISTANCES[args.distance or "squared_l2"]
+
     def training_loss(x, labels, step, g):
         if args.algo == "edm":
             return edm.loss(cfg, ddp_net, x, labels, generator=g)
         if args.algo == "cd":
-            return cd.loss(cfg, ddp_net, net_ema, teacher, x, labels, generator=g, precond=precond)
+            return cd.loss(cfg, ddp_net, net_ema, teacher, x, labels, generator=g, outer=outer, distance=distance)
         if args.algo == "ctm":
-            return ctm.loss(cfg, ddp_net, net_ema, teacher, x, labels, generator=g, precond=precond,
-                            last_layer=last_layer)
+            return ctm.loss(cfg, ddp_net, net_ema, teacher, x, labels, generator=g, outer=outer, distance=distance,
+                            last_layer=last_layer, grad_scale=scaler.get_scale() if scaler.is_enabled() else 1.0)
         return mcm.loss(cfg, ddp_net, teacher, x, labels, step=step, generator=g)
 
     def save_checkpoint(step):  # atomic, complete, loadable with weights_only=True
