@@ -74,14 +74,20 @@ def cm_f(net, x, t, labels=None, eps=SIGMA_MIN, sd=SIGMA_DATA):
     return col(c_skip, x) * x + col(c_out, x) * net(col(c_in, x) * x, c_noise, labels)
 
 
+def ctm_g(net, x, t, s, labels=None, sd=SIGMA_DATA):
+    """CTM Sec. 3: g(x_t, t, s) = c_skip(t)·x_t + c_out(t)·NN(c_in(t)·x_t, c_noise(t), c_noise(s)), EDM Table 1 of t."""
+    t = torch.as_tensor(t, dtype=f64).expand(x.shape[0])
+    s = torch.as_tensor(s, dtype=f64).expand(x.shape[0])
+    c_skip, c_out, c_in, c_noise = edm_c(t, sd)
+    return col(c_skip, x) * x + col(c_out, x) * net(col(c_in, x) * x, c_noise, labels, noise_labels_s=torch.log(s) / 4)
+
+
 def ctm_G(net, x, t, s, labels=None, sd=SIGMA_DATA):
     """CTM Sec. 3: G(x_t, t, s) = (s/t)·x_t + (1 − s/t)·g(x_t, t, s), g = c_skip(t)·x_t + c_out(t)·NN(c_in(t)·x_t,
     c_noise(t), c_noise(s)) with EDM's Table 1 coefficients of t."""
     t = torch.as_tensor(t, dtype=f64).expand(x.shape[0])
     s = torch.as_tensor(s, dtype=f64).expand(x.shape[0])
-    c_skip, c_out, c_in, c_noise = edm_c(t, sd)
-    g = col(c_skip, x) * x + col(c_out, x) * net(col(c_in, x) * x, c_noise, labels, noise_labels_s=torch.log(s) / 4)
-    return col(s / t, x) * x + col(1 - s / t, x) * g
+    return col(s / t, x) * x + col(1 - s / t, x) * ctm_g(net, x, t, s, labels, sd)
 
 
 def ddim(x_hat, x_t, sigma_t, sigma_s):

@@ -2,13 +2,14 @@
 out at the same draws: each test replays the loss's random draws from a generator with the same seed, in the
 documented order, and recomputes the loss from the paper (tests/paper.py), never with the module's helpers.
 
-MCM: Heek et al., arXiv:2403.06807v3, Alg. 1 and App. A.1."""
+CD: Song et al., arXiv:2303.01469v2, Alg. 2. CTM: Kim et al., arXiv:2310.02279v3, with the official code's discrete
+(t, u, s) grid (algorithms/ctm.py). MCM: Heek et al., arXiv:2403.06807v3, Alg. 1 and App. A.1."""
 import math
 
 import torch
 
 import paper
-from algorithms import mcm
+from algorithms import cd, ctm, mcm
 from data import toy
 
 f64 = torch.float64
@@ -68,7 +69,7 @@ def test_mcm_cd_loss_takes_an_addim_teacher_step_with_x_var_from_the_true_x():
     # the DDIM teacher step (x_var = 0) gives a different loss: the test can tell them apart
     x_s_ddim = paper.ddim(x_hat, x_t, sigma_t, sigma_s)
     ddim_expected = mcm_expected(cfg, paper.Probe(2), x, x_t, x_s_ddim, t_step, t, s)
-    assert float((ddim_expected - expected).abs().max()) > 1e-3 * float(expected.abs().max())
+    assert float((ddim_expected - expected).detach().abs().max()) > 1e-3 * float(expected.detach().abs().max())
     ablation = mcm.loss(mcm.Config(**MCM_CFG, addim_teacher=False), paper.Probe(2), ds.denoiser, x, step=3,
                         generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(ablation, ddim_expected, rtol=1e-9, atol=1e-12)          # Table 4 ablation
@@ -110,3 +111,143 @@ def test_mcm_ct_loss_steps_the_true_x_with_ddim():
     x_s = x + paper.vp_time_to_sigma(s, 40.0)[:, None] * eps
     torch.testing.assert_close(got, mcm_expected(cfg, paper.Probe(2), x, x_t, x_s, t_step, t, s), rtol=1e-9,
                                atol=1e-12)
+
+
+# ---- CD (Alg. 2) --------------------------------------------------------------------------------------------------
+
+CD_CFG = dict(N=6, sigma_min=0.01, sigma_max=20.0, rho=5.0, sigma_data=0.6)   # unequal to the defaults
+
+
+def test_cd_loss_noises_to_t_n_plus_1_steps_the_teacher_to_t_n_and_compares_student_with_target():
+    """Alg. 2 at replayed draws (n, z): x_{t_{n+1}} = x + t_{n+1} z, x̂ = one Heun step t_{n+1} → t_n of the teacher,
+    L = d(f_θ(x_{t_{n+1}}, t_{n+1}), f_{θ⁻}(x̂, t_n)) with f of CM's App. C. Student and target are different networks,
+    so their roles cannot be swapped unseen."""
+    cfg, ds, B = cd.Config(**CD_CFG), toy.ring8(), 512
+    x = ds.sample(B, torch.Generator().manual_seed(0))[0]
+    student, target = paper.Probe(2, seed=1), paper.Probe(2, seed=2)
+    got = cd.loss(cfg, student, target, ds.denoiser, x, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    n = torch.randint(0, cfg.N - 1, (B,), generator=g)                      # the pair (t_{n+1}, t_n), all N − 1 of them
+    z = torch.randn(x.shape, dtype=f64, generator=g)
+    grid = torch.tensor(paper.karras_grid(cfg.N, 0.01, 20.0, 5.0), dtype=f64)
+    t_n1, t_n = grid[n], grid[n + 1]
+    x_t = x + t_n1[:, None] * z
+    x_hat = paper.heun_rows(ds.denoiser, x_t, t_n1, t_n)
+    f = lambda net, x_, t_: paper.cm_f(net, x_, t_, eps=0.01, sd=0.6)
+    expected = (f(paper.Probe(2, seed=1), x_t, t_n1) - f(paper.Probe(2, seed=2), x_hat, t_n)).square().mean(1)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
+    assert set(n.tolist()) == set(range(cfg.N - 1))
+    # The last pair (t_{N−2}, ε): the target is the teacher step itself, f_{θ⁻}(x̂, ε) = x̂, whatever θ⁻ is.
+    last = n == cfg.N - 2
+    other = cd.loss(cfg, paper.Probe(2, seed=1), paper.Probe(2, seed=9), ds.denoiser, x,
+                    generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(other[last], got[last], rtol=0, atol=0)
+    assert not torch.allclose(other[~last], got[~last], rtol=1e-3, atol=0)
+    torch.testing.assert_close(got[last], (f(paper.Probe(2, seed=1), x_t, t_n1) - x_hat).square().mean(1)[last],
+                               rtol=1e-10, atol=1e-14)
+
+
+def test_cd_loss_with_n_equal_2_is_one_jump_from_t_to_the_heun_step_at_epsilon():
+    """N = 2: the only pair is (T, ε), one Heun step of the teacher from T to ε is the target (Alg. 2)."""
+    cfg, ds = cd.Config(N=2), toy.gaussian(std=0.5)
+    x = ds.sample(64, torch.Generator().manual_seed(0))[0]
+    got = cd.loss(cfg, paper.Probe(2), paper.Probe(2, seed=5), ds.denoiser, x, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    torch.randint(0, 1, (64,), generator=g)
+    x_t = x + 80.0 * torch.randn(x.shape, dtype=f64, generator=g)
+    x_hat = paper.heun(ds.denoiser, x_t, 80.0, 0.002)
+    torch.testing.assert_close(got, (paper.cm_f(paper.Probe(2), x_t, 80.0) - x_hat).square().mean(1), rtol=1e-10,
+                               atol=1e-14)
+
+
+# ---- CTM: the (t, u, s) grid indices and the teacher's solver ------------------------------------------------------
+
+def chi2_uniform_bound(counts):
+    """Pearson's χ² of counts against uniform cells, with its df; the bound df + 5·sqrt(2 df) is 5 standard deviations
+    of χ²_df above its mean."""
+    counts = torch.as_tensor(counts, dtype=f64)
+    e = counts.sum() / len(counts)
+    return float(((counts - e) ** 2 / e).sum()), len(counts) - 1
+
+
+def test_ctm_indices_n_given_k_and_m_given_n_k_are_uniform_including_s_at_sigma_min():
+    """n | k ~ U{0, …, N−1−k} and m | (n, k) ~ U{n+k, …, N−1}: the last value m = N − 1 is s = σ_min, the first
+    s = u. Pooled Pearson χ² over all cells (df = Σ(cells − 1)) against 5 standard deviations; a uniform that
+    leaves out either end puts zero counts in a cell with ≈ 1/L of the draws and fails it."""
+    N, K_max, B = 8, 7, 512
+    g = torch.Generator().manual_seed(0)
+    n_counts, m_counts = {}, {}
+    for _ in range(300):
+        n, k, m = ctm.sample_indices(N, K_max, B, g)
+        assert bool(((0 <= n) & (n <= N - 1 - k)).all()) and bool(((n + k <= m) & (m <= N - 1)).all())
+        n_counts.setdefault(k, torch.zeros(N - k, dtype=f64)).index_add_(0, n, torch.ones(B, dtype=f64))
+        for L in range(1, N):                                                  # L = N − n − k values of m
+            sel = N - n - k == L
+            m_counts.setdefault(L, torch.zeros(L, dtype=f64)).index_add_(0, (m - n - k)[sel],
+                                                                         torch.ones(int(sel.sum()), dtype=f64))
+    chi2 = df = 0.0
+    for table in (n_counts, m_counts):
+        for c in table.values():
+            if len(c) > 1:
+                a, b = chi2_uniform_bound(c)
+                chi2, df = chi2 + a, df + b
+    assert chi2 < df + 5 * math.sqrt(2 * df), (chi2, df)
+    assert all(float(c[-1]) > 0 and float(c[0]) > 0 for c in m_counts.values())
+
+
+def test_ctm_teacher_solver_takes_k_heun_steps_along_the_grid():
+    """Solver_φ(x_t, t → u) = k Heun steps σ_n → σ_{n+1} → … → σ_{n+k} (EDM Alg. 1 l. 4–8): 2k teacher calls."""
+    ds, N = toy.ring8(), 12
+    grid = torch.tensor(paper.karras_grid(N), dtype=f64)
+    calls = []
+    teacher = lambda x_, s_, labels=None: calls.append(1) or ds.denoiser(x_, s_)
+    n = torch.tensor([0, 3, 5, 1, 7], dtype=torch.long)
+    x = 5 * torch.randn(5, 2, dtype=f64, generator=torch.Generator().manual_seed(0))
+    for k in (1, 2, 4):
+        calls.clear()
+        got = ctm.teacher_solver(teacher, x, grid, n, k)
+        assert len(calls) == 2 * k
+        ref = x
+        for j in range(k):
+            ref = paper.heun_rows(ds.denoiser, ref, grid[n + j], grid[n + j + 1])
+        torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-13)
+
+
+def ctm_replay(cfg, x, g):
+    """The draws of ctm.loss in their documented order: k with P(k) ∝ k, n ~ U{0..N−1−k}, m ~ U{n+k..N−1}, z."""
+    w = torch.arange(1, cfg.K_max + 1, dtype=f64)
+    k = int(torch.multinomial(w / w.sum(), 1, generator=g)) + 1
+    n = torch.randint(0, cfg.N - k, (x.shape[0],), generator=g)
+    r = torch.rand(x.shape[0], dtype=f64, generator=g)
+    m = n + k + (r * (cfg.N - n - k)).floor().long()
+    return n, k, m, torch.randn(x.shape, dtype=f64, generator=g)
+
+
+def ctm_expected(cfg, net, net_ema, teacher, x, n, k, m, z):
+    """Soft consistency matching written out: x_t = x + t z, x_u = Solver_φ(x_t, t → u) (k Heun steps), target
+    G_θ⁻(G_sg(θ)(x_u, u, s), s, σ_min), estimate G_θ⁻(G_θ(x_t, t, s), s, σ_min), d = mean squared difference."""
+    grid = torch.tensor(paper.karras_grid(cfg.N, cfg.sigma_min, cfg.sigma_max, cfg.rho), dtype=f64)
+    t, u, s = grid[n], grid[n + k], grid[m]
+    x_t = x + t[:, None] * z
+    x_u = x_t
+    for j in range(k):
+        x_u = paper.heun_rows(teacher, x_u, grid[n + j], grid[n + j + 1])
+    G = lambda net_, x_, t_, s_: paper.ctm_G(net_, x_, t_, s_, sd=cfg.sigma_data)
+    with torch.no_grad():
+        x_target = G(net_ema, G(net, x_u, u, s), s, cfg.sigma_min)
+    x_est = G(net_ema, G(net, x_t, t, s), s, cfg.sigma_min)
+    return (x_est - x_target).square().mean(1)
+
+
+CTM_CFG = dict(N=8, K_max=5, sigma_min=0.01, sigma_max=20.0, rho=5.0, sigma_data=0.6, use_dsm=False)
+
+
+def test_ctm_loss_is_soft_consistency_matching_at_the_replayed_draws():
+    cfg, ds = ctm.Config(**CTM_CFG), toy.ring8()
+    x = ds.sample(128, torch.Generator().manual_seed(0))[0]
+    for seed in range(4):
+        got = ctm.loss(cfg, paper.Probe(2, seed=1), paper.Probe(2, seed=2), ds.denoiser, x,
+                       generator=torch.Generator().manual_seed(seed))
+        expected = ctm_expected(cfg, paper.Probe(2, seed=1), paper.Probe(2, seed=2), ds.denoiser, x,
+                                *ctm_replay(cfg, x, torch.Generator().manual_seed(seed)))
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
