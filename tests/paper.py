@@ -90,6 +90,33 @@ def ctm_G(net, x, t, s, labels=None, sd=SIGMA_DATA):
     return col(s / t, x) * x + col(1 - s / t, x) * ctm_g(net, x, t, s, labels, sd)
 
 
+def ctm_draws(cfg, x, g):
+    """The draws of the CTM loss in their documented order (algorithms/ctm.py, after the official code's default
+    grid): k with P(k) ∝ k on {1..K_max}, n ~ U{0..N−1−k}, m ~ U{n+k..N−1}, then z [B, d]."""
+    w = torch.arange(1, cfg.K_max + 1, dtype=f64)
+    k = int(torch.multinomial(w / w.sum(), 1, generator=g)) + 1
+    n = torch.randint(0, cfg.N - k, (x.shape[0],), generator=g)
+    r = torch.rand(x.shape[0], dtype=f64, generator=g)
+    m = n + k + (r * (cfg.N - n - k)).floor().long()
+    return n, k, m, torch.randn(x.shape, dtype=f64, generator=g)
+
+
+def ctm_soft_matching(cfg, net, net_ema, teacher, x, n, k, m, z):
+    """Soft consistency matching written out: x_t = x + t z, x_u = Solver_φ(x_t, t → u) (k Heun steps), target
+    G_θ⁻(G_sg(θ)(x_u, u, s), s, σ_min), estimate G_θ⁻(G_θ(x_t, t, s), s, σ_min), d = mean squared difference."""
+    grid = torch.tensor(karras_grid(cfg.N, cfg.sigma_min, cfg.sigma_max, cfg.rho), dtype=f64)
+    t, u, s = grid[n], grid[n + k], grid[m]
+    x_t = x + t[:, None] * z
+    x_u = x_t
+    for j in range(k):
+        x_u = heun_rows(teacher, x_u, grid[n + j], grid[n + j + 1])
+    G = lambda net_, x_, t_, s_: ctm_G(net_, x_, t_, s_, sd=cfg.sigma_data)
+    with torch.no_grad():
+        x_target = G(net_ema, G(net, x_u, u, s), s, cfg.sigma_min)
+    x_est = G(net_ema, G(net, x_t, t, s), s, cfg.sigma_min)
+    return (x_est - x_target).square().mean(1)
+
+
 def ddim(x_hat, x_t, sigma_t, sigma_s):
     """aDDIM paper Eq. 4 in the VE form x̂ + (σ_s/σ_t)(x_t − x̂)."""
     return x_hat + col(sigma_s / sigma_t, x_t) * (x_t - x_hat)

@@ -151,7 +151,8 @@ def test_cd_loss_with_n_equal_2_is_one_jump_from_t_to_the_heun_step_at_epsilon()
     """N = 2: the only pair is (T, ε), one Heun step of the teacher from T to ε is the target (Alg. 2)."""
     cfg, ds = cd.Config(N=2), toy.gaussian(std=0.5)
     x = ds.sample(64, torch.Generator().manual_seed(0))[0]
-    got = cd.loss(cfg, paper.Probe(2), paper.Probe(2, seed=5), ds.denoiser, x, generator=torch.Generator().manual_seed(1))
+    got = cd.loss(cfg, paper.Probe(2), paper.Probe(2, seed=5), ds.denoiser, x,
+                  generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(1)
     torch.randint(0, 1, (64,), generator=g)
     x_t = x + 80.0 * torch.randn(x.shape, dtype=f64, generator=g)
@@ -213,32 +214,6 @@ def test_ctm_teacher_solver_takes_k_heun_steps_along_the_grid():
         torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-13)
 
 
-def ctm_replay(cfg, x, g):
-    """The draws of ctm.loss in their documented order: k with P(k) ∝ k, n ~ U{0..N−1−k}, m ~ U{n+k..N−1}, z."""
-    w = torch.arange(1, cfg.K_max + 1, dtype=f64)
-    k = int(torch.multinomial(w / w.sum(), 1, generator=g)) + 1
-    n = torch.randint(0, cfg.N - k, (x.shape[0],), generator=g)
-    r = torch.rand(x.shape[0], dtype=f64, generator=g)
-    m = n + k + (r * (cfg.N - n - k)).floor().long()
-    return n, k, m, torch.randn(x.shape, dtype=f64, generator=g)
-
-
-def ctm_expected(cfg, net, net_ema, teacher, x, n, k, m, z):
-    """Soft consistency matching written out: x_t = x + t z, x_u = Solver_φ(x_t, t → u) (k Heun steps), target
-    G_θ⁻(G_sg(θ)(x_u, u, s), s, σ_min), estimate G_θ⁻(G_θ(x_t, t, s), s, σ_min), d = mean squared difference."""
-    grid = torch.tensor(paper.karras_grid(cfg.N, cfg.sigma_min, cfg.sigma_max, cfg.rho), dtype=f64)
-    t, u, s = grid[n], grid[n + k], grid[m]
-    x_t = x + t[:, None] * z
-    x_u = x_t
-    for j in range(k):
-        x_u = paper.heun_rows(teacher, x_u, grid[n + j], grid[n + j + 1])
-    G = lambda net_, x_, t_, s_: paper.ctm_G(net_, x_, t_, s_, sd=cfg.sigma_data)
-    with torch.no_grad():
-        x_target = G(net_ema, G(net, x_u, u, s), s, cfg.sigma_min)
-    x_est = G(net_ema, G(net, x_t, t, s), s, cfg.sigma_min)
-    return (x_est - x_target).square().mean(1)
-
-
 CTM_CFG = dict(N=8, K_max=5, sigma_min=0.01, sigma_max=20.0, rho=5.0, sigma_data=0.6, use_dsm=False)
 
 
@@ -248,6 +223,6 @@ def test_ctm_loss_is_soft_consistency_matching_at_the_replayed_draws():
     for seed in range(4):
         got = ctm.loss(cfg, paper.Probe(2, seed=1), paper.Probe(2, seed=2), ds.denoiser, x,
                        generator=torch.Generator().manual_seed(seed))
-        expected = ctm_expected(cfg, paper.Probe(2, seed=1), paper.Probe(2, seed=2), ds.denoiser, x,
-                                *ctm_replay(cfg, x, torch.Generator().manual_seed(seed)))
+        expected = paper.ctm_soft_matching(cfg, paper.Probe(2, seed=1), paper.Probe(2, seed=2), ds.denoiser, x,
+                                *paper.ctm_draws(cfg, x, torch.Generator().manual_seed(seed)))
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
