@@ -226,3 +226,30 @@ def test_ctm_loss_is_soft_consistency_matching_at_the_replayed_draws():
         expected = paper.ctm_soft_matching(cfg, paper.Probe(2, seed=1), paper.Probe(2, seed=2), ds.denoiser, x,
                                 *paper.ctm_draws(cfg, x, torch.Generator().manual_seed(seed)))
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
+
+
+class GlobalNoise(torch.nn.Module):
+    """A network whose output is a draw from the global RNG, as dropout's masks are: F = U(0, 1) of x's shape."""
+
+    def forward(self, x_in, c_noise, labels=None):
+        return torch.rand(x_in.shape, dtype=x_in.dtype)
+
+
+def test_cd_student_and_target_passes_see_the_same_dropout_masks():
+    """The target pass runs under a forked RNG, so the student pass draws the same masks (CM's code): with F = the
+    same uniform draw R in both passes, L = d(c_skip(t_{n+1}) x_{t_{n+1}} + c_out(t_{n+1}) R, c_skip(t_n) x̂ + c_out(t_n) R)."""
+    cfg, ds, B = cd.Config(**CD_CFG), toy.ring8(), 64
+    x = ds.sample(B, torch.Generator().manual_seed(0))[0]
+    torch.manual_seed(11)
+    got = cd.loss(cfg, GlobalNoise(), GlobalNoise(), ds.denoiser, x, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(11)
+    R = torch.rand(x.shape, dtype=f64)
+    g = torch.Generator().manual_seed(3)
+    n = torch.randint(0, cfg.N - 1, (B,), generator=g)
+    grid = torch.tensor(paper.karras_grid(cfg.N, 0.01, 20.0, 5.0), dtype=f64)
+    x_t = x + grid[n][:, None] * torch.randn(x.shape, dtype=f64, generator=g)
+    x_hat = paper.heun_rows(ds.denoiser, x_t, grid[n], grid[n + 1])
+    f = lambda x_, t_: paper.col(paper.cm_scalings(t_, 0.01, 0.6)[0], x_) * x_ + paper.col(
+        paper.cm_scalings(t_, 0.01, 0.6)[1], x_) * R
+    torch.testing.assert_close(got, (f(x_t, grid[n]) - f(x_hat, grid[n + 1])).square().mean(1), rtol=1e-10,
+                               atol=1e-14)

@@ -135,3 +135,13 @@ def test_ctm_gamma_sampler_jumps_to_t_tilde_and_renoises_to_the_next_level(gamma
             x = x + math.sqrt(t[n + 1] ** 2 - t_tilde**2) * torch.randn(x.shape, dtype=f64, generator=g)
         torch.testing.assert_close(path[n + 1], x, rtol=1e-11, atol=1e-13)
     torch.testing.assert_close(got, x, rtol=1e-11, atol=1e-13)
+
+
+def test_samplers_return_the_dtype_of_their_noise():
+    noise = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))                      # float32
+    D = lambda x_, s_, labels=None: toy.ring8().denoiser(x_, s_).to(x_.dtype)
+    assert edm.sample(edm.Config(), D, noise, num_steps=3).dtype == torch.float32
+    assert addim.sample(addim.Config(), D, noise, num_steps=3).dtype == torch.float32
+    net = lambda x_in, c_noise, labels=None, noise_labels_s=None: torch.tanh(x_in)
+    assert cd.sample(cd.Config(), net, noise, nfe=2).dtype == torch.float32
+    assert ctm.sample(ctm.Config(gamma=0.5), net, noise, nfe=2).dtype == torch.float32

@@ -183,14 +183,38 @@ MUTANTS = [
     (CK, "if obj and all(k.startswith(\"model.\") for k in obj):", "if obj and any(k.startswith(\"model.\") for k in obj):"),
     (CK, "if args or not isinstance(kwargs, dict):", "if not isinstance(kwargs, dict):"),
     (CK, "if not isinstance(child, (_Persistent, _Container)):", "if False:"),
+    # ---- second batch: RNG sharing, dtypes, wrappers, guards
+    (C, "with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):", "if True:"),
+    (E, "return denoise(self.model, x, sigma, labels, self.sigma_data)", "return denoise(self.model, x, sigma, labels)"),
+    (T, "params = {name: p.detach() for name, p in net.named_parameters()}",
+        "params = {name: p for name, p in net.named_parameters()}"),
+    (T, "lambda_dsm = cfg.dsm_weight * adaptive_weight(", "lambda_dsm = adaptive_weight("),
+    (T, "h = B // 2", "h = B // 3"),
+    (T, "if cfg.use_dsm and last_layer is None:", "if last_layer is None and False:"),
+    (M, "cfg.huber_eps**2).sqrt() - cfg.huber_eps", "cfg.huber_eps**2).sqrt()"),
+    (M, "safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))", "safe = sigma"),
+    (A, "    return x.to(noise.dtype)\n", "    return x\n"),
+    (TOY, "n = max(1, math.ceil(float((lam_t - lam_s).abs().max()) * steps_per_unit))",
+          "n = max(1, math.ceil(float((lam_t - lam_s).abs().min()) * steps_per_unit))"),
+    (CK, "return any(part.endswith(\"_s\") for part in key.split(\".\"))", "return key.endswith(\"_s\")"),
 ]
 
 
-def run(workdir, timeout):
+# The targeted tests first, so that `-x` stops a killed mutant early; every maths test runs for a survivor.
+FIRST = {CK: ["test_checkpoint_security.py", "test_checkpoint.py"], TOY: ["test_toy_datasets.py", "test_toy.py"]}
+ORDER = ["test_weightings.py", "test_samplers.py", "test_jumpers.py", "test_loss_draws.py", "test_ema.py",
+         "test_toy_datasets.py", "test_checkpoint_security.py", "test_edm.py", "test_cd.py", "test_ctm.py",
+         "test_mcm.py", "test_addim.py", "test_analytic_precond.py", "test_toy.py", "test_checkpoint.py",
+         "test_distillation.py"]
+
+
+def run(workdir, timeout, path=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    first = FIRST.get(path, [])
+    files = [os.path.join("tests", f) for f in first + [f for f in ORDER if f not in first]]
     try:
         p = subprocess.run([sys.executable, "-m", "pytest", "-m", "maths", "-x", "-q", "-p", "no:cacheprovider",
-                            "--hypothesis-seed=0"], cwd=workdir, env=env, capture_output=True, text=True,
+                            "--hypothesis-seed=0", *files], cwd=workdir, env=env, capture_output=True, text=True,
                            timeout=timeout)
         return p.returncode, p.stdout
     except subprocess.TimeoutExpired:
@@ -226,7 +250,7 @@ def main():
                 continue
             open(src_path, "w").write(src.replace(old, new))
             t0 = time.time()
-            rc, out = run(work, args.timeout)
+            rc, out = run(work, args.timeout, path)
             open(src_path, "w").write(src)
             status = "killed" if rc != 0 else "SURVIVED"
             failed = next((l for l in out.splitlines() if l.startswith("FAILED")), "")
