@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import evaluate
 import rundir
-from algorithms import analytic_precond, cd, edm
+from algorithms import analytic_precond, edm
 from data import images, toy
 from networks import checkpoint, edm_unet, uvit
 
@@ -41,6 +41,7 @@ ALGOS = {
     "mcm": dict(data="two_modes", iters=1500, lr=(1e-3, 2e-4), mu=None, s_input=False, dropout=None,
                 flags=("teacher", "init_from_teacher", "student_steps", "ct")),
 }
+DISTANCES = {"squared_l2": edm.squared_l2, "l2": edm.l2, "pseudo_huber": edm.pseudo_huber}  # --distance -> d(a, b)
 IMAGE_FLAGS = ("xflip", "fid", "arch", "workers", "dropout")
 ARCHS = {**{k: (edm_unet.SongUNet, v) for k, v in edm_unet.SONGUNET_CONFIGS.items()},
          **{k: (edm_unet.DhariwalUNet, v) for k, v in edm_unet.DHARIWALUNET_CONFIGS.items()},
@@ -87,7 +88,7 @@ arg("--teacher", default=None, help="'exact' (default; toys and digits), an NVla
     "checkpoint) of this script's --algo edm")
 arg("--init-from-teacher", action="store_true", help="initialise the student from the teacher network")
 arg("--precond", default=None, choices=["paper", "analytic"], help="cd/ctm: outer coefficients")
-arg("--distance", default=None, choices=sorted(cd.DISTANCES), help="cd/ctm: the distance d")
+arg("--distance", default=None, choices=sorted(DISTANCES), help="cd/ctm: the distance d")
 arg("--mu", type=unit(False, True), default=None, help="cd/ctm: target EMA rate μ of θ⁻, in [0, 1)")
 arg("--gamma", type=unit(False, False), default=None, help="ctm: γ of the γ-sampler (0 deterministic, 1 CM's)")
 arg("--no-dsm", action="store_true", help="ctm: train without the DSM term")
@@ -254,7 +255,7 @@ def network_spec():
 def configs():
     """The algorithm's Config with the paper's defaults, overridden by the flags given: one per run (per S)."""
     cfg = evaluate.ALGOS[args.algo].Config()
-    over = {k: getattr(args, k) for k in ("distance", "mu", "gamma") if getattr(args, k) is not None}
+    over = {k: getattr(args, k) for k in ("mu", "gamma") if getattr(args, k) is not None}
     if args.no_dsm:
         over["use_dsm"] = False
     if is_toy and args.mu is None and A["mu"] is not None:
@@ -354,7 +355,8 @@ def run(outdir, cfg):
     # registered, skipping the s-input's layers, which every network registers after its output layer.
     last_layer = [p for k, p in net.named_parameters() if p.ndim > 1 and not checkpoint.is_s_key(k)][-1]
     algo = evaluate.ALGOS[args.algo]
-    extra = dict(cd=dict(outer=outer), ctm=dict(outer=outer, last_layer=last_layer)).get(args.algo, {})
+    d = dict(outer=outer, distance=DISTANCES[args.distance or "squared_l2"])
+    extra = dict(cd=d, ctm=dict(**d, last_layer=last_layer)).get(args.algo, {})
 
     def training_loss(x, labels, step, g):
         if args.algo == "edm":
@@ -362,6 +364,8 @@ def run(outdir, cfg):
         if args.algo == "mcm":
             return (algo.loss_ct(cfg, ddp_net, x, labels, step=step, generator=g) if args.ct else
                     algo.loss(cfg, ddp_net, teacher, x, labels, step=step, generator=g))
+        if args.algo == "ctm":  # λ's gradients are taken of the scaled losses: unscaled, they underflow in fp16
+            extra["grad_scale"] = scaler.get_scale() if scaler.is_enabled() else 1.0
         return algo.loss(cfg, ddp_net, net_ema, teacher, x, labels, generator=g, **extra)
 
     def save(step):  # every rank's RNG state is gathered, so each continues its own stream after a resume
