@@ -63,7 +63,7 @@ def sample(model, net, noise, labels, nfe, generator=None, path=None, outer=None
     algo, cfg = model["algo"], algo_config(model)
     if algo == "edm":
         D = lambda x, sigma, y: edm.denoise(net, x, sigma, y, cfg.sigma_data)
-        if nfe == 2 * cfg.num_steps - 1:
+        if nfe == 2 * cfg.num_steps - 1 and model.get("sampler", "heun") == "heun":
             return edm.sample(cfg, D, noise, labels)
         return addim.sample(addim.Config(), D, noise, labels, num_steps=nfe)
     if algo == "mcm":

@@ -150,6 +150,15 @@ def pseudo_huber(a, b, c=None):
     return ((a - b).flatten(1).square().sum(1) + c**2).sqrt() - c
 
 
+def randn_like(x, generator=None):
+    """N(0, I) shaped like x. `generator` is a torch.Generator, or a list of them, one per example (one random stream
+    per seed, as EDM's generate.py draws): then row i depends on its own seed only, not on the batch around it."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(x.shape[1:], dtype=x.dtype, device=g.device, generator=g)
+                            for g in generator]).to(x.device)
+    return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+
+
 def ema_beta(batch, halflife, seen=None, rampup=None):
     """EDM's EMA decay per optimizer step, β = 0.5^(batch / H) for a half-life of H training samples (EDM's training
     configuration: H = 0.5 Mimg on CIFAR-10). With `rampup`, the half-life is min(H, rampup·seen) after `seen`
