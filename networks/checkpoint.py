@@ -388,3 +388,19 @@ def load_teacher(path) -> Teacher:
     net = build_network(model["network"], str(path))
     _load_strict(net, state["ema"], state["path"])
     return Teacher(net.eval().requires_grad_(False), model["network"], model["data"])
+
+
+def teacher_mismatch(teacher: Teacher, data: dict, by_name: bool) -> str | None:
+    """Why `teacher` cannot teach on `data` (a record {name, shape, label_dim}), or None. A teacher of ours must
+    have been trained on data of the same shape (and, `by_name`, the same named data set: toys, digits); a
+    published one must match the data's resolution, channels and classes."""
+    kw, td = teacher.spec["kwargs"], teacher.data
+    if td is not None and (td["shape"] != data["shape"] or by_name and td["name"] != data["name"]):
+        return f"trained on {td['name']!r} {td['shape']}, but --data is {data['name']!r} {data['shape']}"
+    if td is None and [kw.get("in_channels"), kw.get("img_resolution")] != data["shape"][:2]:
+        r, c = kw.get("img_resolution"), kw.get("in_channels")
+        return f"a {r}x{r}x{c} network, but the data is {data['shape'][1]}x{data['shape'][2]}x{data['shape'][0]}"
+    if (kw.get("label_dim") or 0) != data["label_dim"]:
+        return (f"label_dim {kw.get('label_dim') or 0}, but the run has {data['label_dim']} classes "
+                f"({'add' if kw.get('label_dim') else 'drop'} --cond)")
+    return None
