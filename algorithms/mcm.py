@@ -71,7 +71,7 @@ def sample_times(cfg, B, i=0, generator=None, device=None):
     """Alg. 1: per example a segment and a teacher step inside it. Returns t_step, t, s as float64 [B] VP
     times with t ∈ (t_step, t_step + 1/S] and s = t − 1/T ∈ [t_step, t): t never equals a segment start."""
     N_seg = max(1, round(teacher_steps(cfg, i) / cfg.S))                       # Alg. 1: steps per segment
-    T = N_seg * cfg.S                                                          # Alg. 1 leaves T undefined; T = S·N/S is implied
+    T = N_seg * cfg.S                                                          # Alg. 1's T (undefined there): S·N/S
     step = torch.randint(0, cfg.S, (B,), generator=generator, device=device)   # Alg. 1: step ~ U{0..S−1}
     n_rel = torch.randint(1, N_seg + 1, (B,), generator=generator, device=device)  # Alg. 1: n_rel ~ U{1..N/S}
     # Integer numerators over T, so t_step, t and s are exact grid points (t − t_step ≥ 1/T exactly).
@@ -102,7 +102,7 @@ def consistency_loss(cfg, net, x_t, x_s, t_step, t, s, labels=None):
         x_target = addim.inverse_ddim(x_ref, x_t, sigma_t, sigma_step)         # Alg. 1, Eq. 7
     x_hat = denoise(cfg, net, x_t, sigma_t, labels)                            # Alg. 1: the only gradient path
     d = x_t[0].numel()
-    rho = ((x_hat - x_target).flatten(1).square().sum(1) / d + cfg.huber_eps**2).sqrt() - cfg.huber_eps  # Alg. 1: ρ, RMS reading
+    rho = ((x_hat - x_target).flatten(1).square().sum(1) / d + cfg.huber_eps**2).sqrt() - cfg.huber_eps  # Alg. 1: ρ
     w = 1 / sigma_t**2 + 1                                                     # Alg. 1: SNR(t) + 1, SNR = 1/σ²
     w = w.sqrt() if cfg.sqrt_snr_weight else w                                 # unsquared v-loss (docs/mcm_vp_ve.md)
     return w.to(rho.dtype) * rho
@@ -117,7 +117,8 @@ def loss(cfg, net, teacher, x, labels=None, step=0, generator=None):
     x_t = x + bcast(sigma_t, x) * eps                                          # Alg. 1: z_t = α_t x + σ_t ε
     with torch.no_grad():
         x_teacher = teacher(x_t, sigma_t.to(x.dtype), labels)                 # Alg. 1 (CD)
-        x_var = addim.x_var_empirical(x, x_teacher, cfg.eta) if cfg.addim_teacher else 0.0  # Alg. 1 x_var with App. A.1's η
+        # Alg. 1's x_var, with the η of App. A.1 and Alg. 3 (Alg. 1 itself writes no η); DDIM if not addim_teacher
+        x_var = addim.x_var_empirical(x, x_teacher, cfg.eta) if cfg.addim_teacher else 0.0
         x_s = addim.addim(x_teacher, x_t, sigma_t, sigma_s, x_var)            # Alg. 1: aDDIM_{t→s}
     return consistency_loss(cfg, net, x_t, x_s, t_step, t, s, labels)
 

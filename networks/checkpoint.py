@@ -4,9 +4,9 @@ An NVlabs EDM checkpoint (`edm-cifar10-32x32-uncond-vp.pkl`, …; T. Karras et a
 NVlabs/edm) is a plain pickle of {'ema': EDMPrecond, 'loss_fn', 'augment_pipe', 'dataset_kwargs'}. Every network
 object in it is stored by NVlabs' `torch_utils.persistence` as a call `_reconstruct_persistent_obj(meta)`, where
 meta = {type, version, module_src, class_name, state} and `module_src` is the *entire source file* of the class;
-the normal unpickler `exec`s it (shared/papers/edm.md §7.3). A pickle can also call any importable function.
+the normal unpickler `exec`s it. A pickle can also call any importable function.
 
-`load_edm_pickle` reads such a file with a restricted unpickler (edm.md §8.1): the persistence call becomes a stub
+`load_edm_pickle` reads such a file with a restricted unpickler: the persistence call becomes a stub
 that keeps `meta` and never looks at `module_src`; a short allowlist of tensor-rebuilding and container globals
 is served; any other global (`os.system`, `builtins.eval`, a class from the file's own code, …) is refused before
 it is called, with an error that names it. The weights are then read out of the object tree under the exact
@@ -15,7 +15,7 @@ loaded with `strict=True`.
 
 `load_state_dict_file` reads a plain `.pt` state dict with `torch.load(weights_only=True)`, also fail-closed.
 `load_teacher_into_student` copies a teacher's weights into a network built with `s_embedding=True`, checking that
-the only keys it lacks are the s-input's (CTM's student initialisation; networks.md §7).
+the only keys it lacks are the s-input's (CTM's student initialisation, as in sony/ctm).
 
 Every problem is raised as `CheckpointError` with the file's path and what is wrong with it.
 """

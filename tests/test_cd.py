@@ -25,7 +25,8 @@ class Constant(torch.nn.Module):
 
 class Exact(torch.nn.Module):
     """The network F that makes f_θ the exact consistency function of Gaussian data N(0, σ_d² I):
-    f*(x, t) = sqrt((ε² + σ_d²)/(t² + σ_d²))·x (the PF-ODE of Gaussian data solved from t to ε), solved for F from f = c_skip·x + c_out·F."""
+    f*(x, t) = sqrt((ε² + σ_d²)/(t² + σ_d²))·x (the PF-ODE of Gaussian data solved from t to ε), solved for F from
+    f = c_skip·x + c_out·F."""
 
     def __init__(self, cfg, outer=None):
         super().__init__()

@@ -1,6 +1,6 @@
 """The checkpoint importer: EDM pickles are read without running anything from them, and give back the network.
 
-The test pickles are built here in NVlabs' persistence layout (`torch_utils.persistence` of NVlabs/edm): every network object is
+The test pickles are built here in the layout of NVlabs/edm's `torch_utils.persistence`: every network object is
 a call `torch_utils.persistence._reconstruct_persistent_obj(meta)` whose `meta['module_src']` would, if executed,
 write a marker file and raise; the nn.ModuleDicts are pickled by torch's ordinary reduction, tensors by torch's
 reducers, a few constructor floats are numpy scalars and dataset_kwargs is a dnnlib EasyDict, as in the real files.
@@ -29,7 +29,7 @@ CASES = [pytest.param(SongUNet, SONGUNET_CONFIGS["tiny-ddpmpp-cond-32"], id="ddp
 
 @pytest.fixture(autouse=True)
 def seeded():
-    torch.manual_seed(0)                                                    # initialisations do not depend on test order
+    torch.manual_seed(0)  # initialisations do not depend on test order
 
 
 def perturb_(net, seed=0, scale=0.1):

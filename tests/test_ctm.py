@@ -15,6 +15,7 @@ from torch import nn
 from algorithms import analytic_precond, ctm, edm
 from algorithms.edm import SIGMA_DATA as sd, SIGMA_MAX, SIGMA_MIN
 from data import toy
+from networks.edm_unet import SongUNet
 from networks.mlp import MLP
 
 f64 = torch.float64
@@ -136,11 +137,12 @@ def test_analytic_precond_makes_a_zero_network_the_exact_gaussian_jump_where_ctm
     stats = analytic_precond.Stats(lam, edm.precond((-lam).exp())[0], torch.zeros_like(lam))
     zero_net = lambda x_in, c_t, labels=None, noise_labels_s=None: torch.zeros_like(x_in)
     x = torch.randn(16, 2, dtype=f64, generator=torch.Generator().manual_seed(0))
+    analytic = lambda t_, s_: analytic_precond.coefficients(stats, t_, s_)
     for t, s in [(80.0, 2.5), (10.0, 0.5), (2.5, 0.002), (0.5, 0.1)]:
         exact = float(gaussian_jump(torch.tensor(t), torch.tensor(s))) * x
-        err = lambda outer_: float((ctm.G(zero_net, x, t, s, outer=outer_) - exact).abs().max())
-        analytic = lambda t_, s_: analytic_precond.coefficients(stats, t_, s_)
-        assert err(analytic) < 1e-2 * float(exact.abs().max()) and 10 * err(analytic) < err(None)
+        err_analytic = float((ctm.G(zero_net, x, t, s, outer=analytic) - exact).abs().max())
+        err_ctm = float((ctm.G(zero_net, x, t, s) - exact).abs().max())
+        assert err_analytic < 1e-2 * float(exact.abs().max()) and 10 * err_analytic < err_ctm
 
 
 # ---- (t, u, s) sampler ---------------------------------------------------------------------------------------------
@@ -277,6 +279,39 @@ def test_adaptive_weight_equalises_the_last_layer_gradient_norms():
     norm = lambda L: torch.autograd.grad(L, W, retain_graph=True)[0].norm()
     assert not lam.requires_grad and 0 < float(lam) < 1e4
     torch.testing.assert_close(norm(lam * L_dsm) + lam * 1e-4, norm(L_ctm), rtol=1e-10, atol=0.0)
+
+
+def test_adaptive_weight_under_fp16_autocast_needs_the_loss_scale_and_then_matches_fp32():
+    """A 32×32 SongUNet whose jumper is the exact Gaussian flow plus α·NN_θ with NN_θ ≈ 0 (EDM's near-zero output
+    layer), on N(0, σ_d²I) data and the ImageNet-64 grid (N = 40): L_CTM is only the teacher's Heun error, ~1e-10, as
+    for a student close to convergence. Under fp16 autocast the last layer's gradient of the unscaled batch mean
+    underflows to exactly 0, so λ = 0. Multiplied by the GradScaler's initial scale 2^16, the same ratio matches
+    fp32, written out here as ‖∇L_CTM‖ / (‖∇L_DSM‖ + 1e-4)."""
+    torch.manual_seed(0)
+    net = SongUNet(img_resolution=32, in_channels=3, out_channels=3, model_channels=8, channel_mult=[1], num_blocks=1,
+                   attn_resolutions=[], dropout=0.0, embedding_type="positional", encoder_type="standard",
+                   decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], s_embedding=True)
+    W = net.dec["32x32_aux_conv"].weight                                        # θ_L, as train.py picks it
+    teacher = lambda x, sigma, labels=None: x * edm.bcast(sd**2 / (sigma.double() ** 2 + sd**2), x)  # exact
+    exact_flow = lambda t, s: (((s**2 + sd**2) / (t**2 + sd**2)).sqrt(), (1 - s / t) * sd * t / (t**2 + sd**2).sqrt())
+    cfg, B = ctm.Config(N=40, K_max=1), 4
+    x0 = sd * torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def losses(fp16):
+        g = torch.Generator().manual_seed(2)
+        n, k, m = ctm.sample_indices(cfg.N, cfg.K_max, B, g)
+        x_t = x0 + edm.sigma_grid(cfg.N)[n].float()[:, None, None, None] * torch.randn(x0.shape, generator=g)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+            L_ctm = ctm.ctm_distance(cfg, net, net, teacher, x_t, n, k, m, outer=exact_flow).mean()
+            return L_ctm, ctm.dsm_loss(cfg, net, x0, generator=g).mean()
+
+    L_ctm, L_dsm = losses(fp16=False)
+    norm = lambda L: torch.autograd.grad(L, W, retain_graph=True)[0].norm()
+    expected = float(norm(L_ctm) / (norm(L_dsm) + 1e-4))
+    assert float(L_ctm) < 1e-9 and expected > 0
+    L_ctm, L_dsm = losses(fp16=True)
+    assert float(ctm.adaptive_weight(L_ctm, L_dsm, W)) == 0.0                 # the underflow
+    assert float(ctm.adaptive_weight(L_ctm, L_dsm, W, grad_scale=2.0**16)) == pytest.approx(expected, rel=1e-3)
 
 
 def test_loss_with_dsm_requires_the_last_layer():

@@ -50,7 +50,7 @@ def test_teacher_steps_anneal_log_linearly_from_64_to_1280():
     assert mcm.teacher_steps(cfg, 0) == pytest.approx(64, rel=1e-12)
     assert mcm.teacher_steps(cfg, 1000) == pytest.approx(1280, rel=1e-12)
     assert mcm.teacher_steps(cfg, 5000) == pytest.approx(1280, rel=1e-12)
-    assert mcm.teacher_steps(cfg, 500) == pytest.approx(math.sqrt(64 * 1280), rel=1e-12)    # ≈ 286, App. A.1's log-linear N(i)
+    assert mcm.teacher_steps(cfg, 500) == pytest.approx(math.sqrt(64 * 1280), rel=1e-12)    # ≈ 286, App. A.1
     steps = [mcm.teacher_steps(cfg, i) for i in range(0, 1001, 50)]
     assert all(a < b for a, b in zip(steps, steps[1:]))
 
@@ -101,8 +101,8 @@ def test_ct_loss_with_one_teacher_step_per_segment_is_a_diffusion_loss():
 
 
 def test_boundary_anchor_target_is_the_teacher_for_ddim_and_not_for_addim():
-    """The boundary anchor (Eq. 8): at n_rel = 1 the target does not depend on the student. With a DDIM teacher it is x_teacher;
-    with aDDIM (x_var > 0) it is a different point."""
+    """The boundary anchor (Eq. 8): at n_rel = 1 the target does not depend on the student. With a DDIM teacher it
+    is x_teacher; with aDDIM (x_var > 0) it is a different point."""
     cfg, g = mcm.Config(S=4), torch.Generator().manual_seed(3)
     data = toy.ring8()
     t_step = torch.tensor([0.0, 0.25, 0.5, 0.75], dtype=f64)

@@ -28,7 +28,7 @@ TINY_UNETS = [p for p in TINY if p.values[0] is not UViT]
 
 @pytest.fixture(autouse=True)
 def seeded():
-    torch.manual_seed(0)                                                    # initialisations do not depend on test order
+    torch.manual_seed(0)  # initialisations do not depend on test order
 
 
 def make_inputs(net, B, s=False, labels=True, seed=0):
@@ -98,7 +98,8 @@ def test_ctm_cifar10_student_has_ctms_parameter_count():
 def test_uvit_s2_has_the_papers_size_and_names():
     with torch.device("meta"):
         net = UViT(**UVIT_CONFIGS["cifar10-uvit-s2"])
-    assert sum(p.numel() for p in net.parameters()) == 44_255_328            # U-ViT-S/2: 13 blocks, width 512, MLP 2048 (Bao et al.: 44M)
+    # U-ViT-S/2: 13 blocks of width 512, MLP 2048, 8 heads (Bao et al.: 44M)
+    assert sum(p.numel() for p in net.parameters()) == 44_255_328
     shapes = {k: list(v.shape) for k, v in net.state_dict().items()}
     assert shapes["patch_embed.proj.weight"] == [512, 3, 2, 2]
     assert shapes["pos_embed"] == [1, 1 + 256, 512]
@@ -175,7 +176,8 @@ def test_uvit_embeds_rescaled_c_noise():
     x, c_noise, _, _ = make_inputs(net, 3)
     token = _input_of(net.time_embed, lambda: net(x, c_noise))
     torch.testing.assert_close(token, timestep_embedding(TIME_SCALE * c_noise, 128))
-    # The point of the rescaling (networks/uvit.py docstring): σ = 0.002 and σ = 80 differ in the slow half of the sinusoid.
+    # The point of the rescaling (networks/uvit.py docstring): σ = 0.002 and σ = 80 differ in the slow half of the
+    # sinusoid.
     ends = timestep_embedding(TIME_SCALE * torch.tensor([0.002, 80.0]).log() / 4, 128)
     assert (ends[0, 32:64] - ends[1, 32:64]).abs().max() > 1.0
 

@@ -1,4 +1,4 @@
-"""train.py for real runs (issue 7): DDP equivalence, exact resume after a kill, corrupt checkpoints, mixed
+"""train.py for real runs: DDP equivalence, exact resume after a kill, corrupt checkpoints, mixed
 precision and the non-finite guard, argument errors. Every run here is a real subprocess on CPU (gloo)."""
 import glob
 import json
@@ -57,7 +57,7 @@ def test_a_killed_and_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_p
     reached = max(int(os.path.basename(f)[5:12]) for f in glob.glob(str(killed / "ckpt-*.pt")))
     assert reached < 60, "the run finished before it could be killed; the test proves nothing"
     out = run([*common, "--outdir", str(killed), "--resume"]).stdout
-    assert f"resumed from" in out
+    assert "resumed from" in out
     a, b = final_weights(tmp_path / "straight"), final_weights(killed)
     assert a["step"] == b["step"] == 60
     for part in ("net", "net_ema", "ema"):
