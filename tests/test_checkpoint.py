@@ -1,6 +1,6 @@
 """The checkpoint importer: EDM pickles are read without running anything from them, and give back the network.
 
-The test pickles are built here in NVlabs' persistence layout (shared/papers/edm.md §7): every network object is
+The test pickles are built here in NVlabs' persistence layout (`torch_utils.persistence` of NVlabs/edm): every network object is
 a call `torch_utils.persistence._reconstruct_persistent_obj(meta)` whose `meta['module_src']` would, if executed,
 write a marker file and raise; the nn.ModuleDicts are pickled by torch's ordinary reduction, tensors by torch's
 reducers, a few constructor floats are numpy scalars and dataset_kwargs is a dnnlib EasyDict, as in the real files.
