@@ -28,13 +28,17 @@ def algo_config(model):
     return ALGOS[model["algo"]].Config(**model["cfg"])
 
 
+def analytic_stats(model, device="cpu"):
+    """The run's Analytic-Precond statistics (`analytic_precond.Stats`), or None."""
+    d = model.get("analytic_stats")
+    return None if not d else analytic_precond.Stats(**{k: (v.to(device) if torch.is_tensor(v) else v)
+                                                        for k, v in d.items()})
+
+
 def outer_coefficients(model, device="cpu"):
     """Analytic-Precond's outer coefficients (t, s) -> (β, α) for cd/ctm, or None for the paper's."""
-    if not model.get("analytic_stats"):
-        return None
-    stats = analytic_precond.Stats(**{k: (v.to(device) if torch.is_tensor(v) else v)
-                                      for k, v in model["analytic_stats"].items()})
-    return lambda t, s: analytic_precond.coefficients(stats, t, s)
+    stats = analytic_stats(model, device)
+    return None if stats is None else lambda t, s: analytic_precond.coefficients(stats, t, s)
 
 
 def eval_nfes(model):

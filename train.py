@@ -269,6 +269,16 @@ def autocast():
     return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
 
+def analytic_statistics():
+    """Analytic-Precond's ℓ and κ of the teacher (once per run, on rank 0), as the record that rebuilds its Stats."""
+    t0, ap_cfg = time.time(), analytic_precond.Config(num_samples=1024 if is_toy else 256)
+    idx = torch.randperm(num_train, generator=torch.Generator().manual_seed(args.seed))[:ap_cfg.num_samples]
+    x0, y0 = get_batch(idx, None)
+    s = analytic_precond.compute_stats(ap_cfg, teacher, x0, y0, torch.Generator(device).manual_seed(1))
+    log(f"Analytic-Precond statistics: {time.time() - t0:.1f}s")
+    return {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.init}
+
+
 # ---------------------------------------------------------------- one training run
 def run(outdir, cfg):
     torch.manual_seed(args.seed)  # the same initial weights on every rank (and so for net_ema and ema, too)
@@ -301,19 +311,14 @@ def run(outdir, cfg):
         rundir.set_rng_state(state["rng"][rank], device)  # every rank continues its own stream (dropout)
         log(f"resumed from {path} at iteration {step}")
     else:  # a new run (or, resuming several S, one that had not reached its first checkpoint)
+        if args.precond == "analytic":  # once per run, on rank 0, sent to every rank; refused if out of bounds
+            stats = on_master(analytic_statistics)[1]
+            if why := analytic_precond.check_bounded(evaluate.analytic_stats(dict(analytic_stats=stats))):
+                fail(f"--precond analytic: {why}")
         claimed = on_master(lambda: rundir.claim(outdir, run_args, resume=args.resume))
         if claimed[0] == "error":
             fail(f"--outdir {claimed[1]}")
         torch.manual_seed(args.seed * 1009 + rank)  # per-rank seed for anything not driven by explicit generators
-    if args.precond == "analytic" and stats is None:  # once per run, on rank 0, sent to every rank
-        def compute():
-            t0, ap_cfg = time.time(), analytic_precond.Config(num_samples=1024 if is_toy else 256)
-            idx = torch.randperm(num_train, generator=torch.Generator().manual_seed(args.seed))[:ap_cfg.num_samples]
-            x0, y0 = get_batch(idx, None)
-            s = analytic_precond.compute_stats(ap_cfg, teacher, x0, y0, torch.Generator(device).manual_seed(1))
-            log(f"Analytic-Precond statistics: {time.time() - t0:.1f}s")
-            return {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in dataclasses.asdict(s).items()}
-        stats = on_master(compute)[1]
     model = dict(algo=args.algo, network=spec, cfg=dataclasses.asdict(cfg), data=data_record, analytic_stats=stats)
     outer = evaluate.outer_coefficients(model, device)
     ddp_net = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if ddp else net
