@@ -62,11 +62,62 @@ class _AttrDict(dict):
     """Stands in for dnnlib.util.EasyDict (a dict with attribute access), without importing dnnlib."""
 
 
+# A tensor's storage inside a plain pickle is a nested blob in torch's legacy `torch.save` format (what
+# `TypedStorage.__reduce__` writes): five pickles -- magic number, protocol version 1001, a sys_info dict, the
+# object (here the storage itself, as a persistent id ('storage', <dtype>Storage, key, location, numel, view)),
+# the list of storage keys -- then, per key, an int64 element count and the raw little-endian bytes. It is read
+# here by a reader of our own instead of one `torch.load` per tensor (which costs milliseconds each, seconds for
+# a CIFAR-10 network): the only global it serves is a storage class, so it accepts less than torch's weights-only
+# unpickler, and anything else in the record is refused. The storage always lands on the CPU, whatever device it
+# was saved from.
+
+_LEGACY_MAGIC, _LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001  # torch/serialization.py's MAGIC_NUMBER, PROTOCOL_VERSION
+_STORAGE_DTYPES = {f"{name}Storage": dtype for name, dtype in [
+    ("Float", torch.float32), ("Double", torch.float64), ("Half", torch.float16), ("BFloat16", torch.bfloat16),
+    ("Long", torch.int64), ("Int", torch.int32), ("Short", torch.int16), ("Char", torch.int8),
+    ("Byte", torch.uint8), ("Bool", torch.bool)]}
+
+
+class _StorageRecordUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]  # a storage class stands for its dtype, nothing callable
+        raise pickle.UnpicklingError(f"refused global {module}.{name} in a storage record: only torch storage "
+                                     f"classes belong there")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
+            raise pickle.UnpicklingError("refused persistent id in a storage record: not a storage")
+        return pid
+
+
 def _storage_from_bytes(data: bytes):
-    # A tensor's storage inside a plain pickle is a nested torch.save blob; read it under torch's own allowlist.
     if not isinstance(data, bytes):
         raise pickle.UnpicklingError("a storage record does not hold bytes")
-    return torch.load(io.BytesIO(data), weights_only=True)
+    f = io.BytesIO(data)
+    head = [_StorageRecordUnpickler(f).load() for _ in range(5)]
+    magic, protocol, sys_info, pid, keys = head
+    if magic != _LEGACY_MAGIC or protocol != _LEGACY_PROTOCOL:
+        raise pickle.UnpicklingError("a storage record without torch's legacy magic number and protocol 1001")
+    if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
+        raise pickle.UnpicklingError("a storage record not written on a little-endian machine")
+    if not isinstance(pid, tuple):
+        raise pickle.UnpicklingError(f"a storage record holding a {type(pid).__name__}, not a storage")
+    _, dtype, key, location, numel, view = pid
+    if not isinstance(dtype, torch.dtype) or not isinstance(key, str) or not isinstance(location, str) or (
+            type(numel) is not int or numel < 0) or keys != [key]:
+        raise pickle.UnpicklingError("a malformed storage record")
+    itemsize = torch._utils._element_size(dtype)
+    start = f.tell() + 8
+    if len(data) != start + numel * itemsize or int.from_bytes(data[start - 8:start], "little") != numel:
+        raise pickle.UnpicklingError(f"a storage record of {len(data)} bytes for {numel} elements of {dtype}")
+    storage = torch.UntypedStorage.from_buffer(memoryview(data)[start:], dtype=torch.uint8)  # one copy, writable
+    if view is not None:  # (view key, offset, size) in elements: a slice of the root storage (old torch versions)
+        if not (isinstance(view, tuple) and len(view) == 3 and all(type(v) is int for v in view[1:]) and
+                0 <= view[1] and 0 <= view[2] and view[1] + view[2] <= numel):
+            raise pickle.UnpicklingError("a malformed storage view record")
+        storage = storage[view[1] * itemsize:(view[1] + view[2]) * itemsize]
+    return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
 
 
 def _numpy_scalar(dtype, data):
@@ -238,10 +289,14 @@ def load_edm_pickle(path) -> EDMCheckpoint:
     state_dict = _flat_state_dict(model, "", where)
 
     try:
-        net = cls(**kwargs)
+        # On the meta device the constructor allocates nothing and runs no initialisation, which the stored
+        # weights would overwrite anyway (seconds for a full-size network); the stored tensors become the
+        # network's own below (assign), so no copy is made either.
+        with torch.device("meta"):
+            net = cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: cannot build {cls.__name__}(**{kwargs}): {e}") from None
-    _load_strict(net, state_dict, where)
+    _load_strict(net, state_dict, where, assign=True)
     precond = {k: pre[k] for k in ("sigma_data", "sigma_min", "sigma_max", "use_fp16", "img_resolution",
                                    "img_channels", "label_dim") if k in pre}
     return EDMCheckpoint(net.eval().requires_grad_(False), kwargs, precond)
@@ -250,8 +305,11 @@ def load_edm_pickle(path) -> EDMCheckpoint:
 # --------------------------------------------------------------------------------------------------------------
 # Plain state dicts and teacher -> student
 
-def _load_strict(net: nn.Module, state_dict: Mapping, where: str) -> None:
-    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+def _load_strict(net: nn.Module, state_dict: Mapping, where: str, assign: bool = False) -> None:
+    """Load with every key and shape checked first. With `assign`, the tensors themselves become the network's
+    (for a network built on the meta device), cast to the dtype the network declares."""
+    own = net.state_dict()
+    expected = {k: tuple(v.shape) for k, v in own.items()}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [f"{k} {tuple(v.shape)} (expected {expected[k]})" for k, v in state_dict.items()
@@ -260,7 +318,12 @@ def _load_strict(net: nn.Module, state_dict: Mapping, where: str) -> None:
         raise CheckpointError(f"{where}: does not match {type(net).__name__}: {len(missing)} missing keys "
                               f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, {len(wrong)} of wrong "
                               f"shape {wrong[:5]}")
-    net.load_state_dict(state_dict, strict=True)
+    if assign:
+        state_dict = {k: v.to(own[k].dtype) for k, v in state_dict.items()}
+    net.load_state_dict(state_dict, strict=True, assign=assign)
+    left = [k for k, v in [*net.named_parameters(), *net.named_buffers()] if v.is_meta]
+    if left:  # a tensor the state dict does not hold (a non-persistent buffer) would stay without storage
+        raise CheckpointError(f"{where}: {type(net).__name__} tensors {left[:5]} are not in the checkpoint")
 
 
 def read_state_dict_file(path) -> dict:
