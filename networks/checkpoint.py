@@ -20,9 +20,11 @@ the only keys it lacks are the s-input's (CTM's student initialisation; networks
 Every problem is raised as `CheckpointError` with the file's path and what is wrong with it.
 """
 import dataclasses
+import gc
 import inspect
 import io
 import pickle
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -94,9 +96,9 @@ class _StorageRecordUnpickler(pickle.Unpickler):
 def _storage_from_bytes(data: bytes):
     if not isinstance(data, bytes):
         raise pickle.UnpicklingError("a storage record does not hold bytes")
-    f = io.BytesIO(data)
-    head = [_StorageRecordUnpickler(f).load() for _ in range(5)]
-    magic, protocol, sys_info, pid, keys = head
+    f = io.BytesIO(data)  # shares the buffer of `data` until written to: no copy
+    unpickler = _StorageRecordUnpickler(f)
+    magic, protocol, sys_info, pid, keys = (unpickler.load() for _ in range(5))  # five pickles in a row
     if magic != _LEGACY_MAGIC or protocol != _LEGACY_PROTOCOL:
         raise pickle.UnpicklingError("a storage record without torch's legacy magic number and protocol 1001")
     if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
@@ -111,13 +113,37 @@ def _storage_from_bytes(data: bytes):
     start = f.tell() + 8
     if len(data) != start + numel * itemsize or int.from_bytes(data[start - 8:start], "little") != numel:
         raise pickle.UnpicklingError(f"a storage record of {len(data)} bytes for {numel} elements of {dtype}")
-    storage = torch.UntypedStorage.from_buffer(memoryview(data)[start:], dtype=torch.uint8)  # one copy, writable
+    with warnings.catch_warnings():
+        # No copy: the storage shares the memory of `data`, which this unpickler created and nothing but the
+        # storage will reference once loading returns, so writing to it is sound although Python calls bytes
+        # immutable (which is all torch warns about here).
+        warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+        storage = torch.frombuffer(data, dtype=torch.uint8, offset=start).untyped_storage() if numel else (
+            torch.UntypedStorage(0))
     if view is not None:  # (view key, offset, size) in elements: a slice of the root storage (old torch versions)
         if not (isinstance(view, tuple) and len(view) == 3 and all(type(v) is int for v in view[1:]) and
                 0 <= view[1] and 0 <= view[2] and view[1] + view[2] <= numel):
             raise pickle.UnpicklingError("a malformed storage view record")
         storage = storage[view[1] * itemsize:(view[1] + view[2]) * itemsize]
     return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
+    # What torch._utils._rebuild_tensor_v2 does for the one kind of tensor a network pickle holds: a dense view of
+    # a storage. Anything else (hooks, tensor metadata, arguments of the wrong types) is refused.
+    if not (isinstance(storage, torch.storage.TypedStorage) and type(storage_offset) is int and
+            isinstance(size, tuple) and isinstance(stride, tuple) and all(type(n) is int for n in size + stride) and
+            type(requires_grad) is bool and isinstance(backward_hooks, dict) and not backward_hooks and not metadata):
+        raise pickle.UnpicklingError("refused tensor record: not a plain dense tensor")
+    t = torch.empty(0, dtype=storage.dtype).set_(storage._untyped_storage, storage_offset, size, stride)
+    return t.requires_grad_(requires_grad)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks):
+    if not (isinstance(data, torch.Tensor) and type(requires_grad) is bool and isinstance(backward_hooks, dict) and
+            not backward_hooks):
+        raise pickle.UnpicklingError("refused parameter record: not a plain tensor")
+    return nn.Parameter(data, requires_grad)
 
 
 def _numpy_scalar(dtype, data):
@@ -134,8 +160,8 @@ _ALLOWED = {
     ("torch.nn.modules.container", "ModuleDict"): _Container,
     ("torch.nn.modules.container", "ModuleList"): _Container,
     ("torch.nn.modules.container", "Sequential"): _Container,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): set,
@@ -243,6 +269,8 @@ def _unpickle(path: Path):
 
 
 def _load_restricted(f, path: Path):
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # the tens of thousands of small objects would trigger collections that find nothing to free
     try:
         return _RestrictedUnpickler(f).load()
     except pickle.UnpicklingError as e:
@@ -251,6 +279,9 @@ def _load_restricted(f, path: Path):
         raise CheckpointError(f"{path}: truncated (the pickle ends before its STOP opcode)") from None
     except Exception as e:  # malformed opcodes or arguments surface as many exception types
         raise CheckpointError(f"{path}: malformed pickle ({type(e).__name__}: {e})") from None
+    finally:
+        if gc_was_enabled:
+            gc.enable()
 
 
 def _network_kwargs(cls, state: dict, where: str) -> dict:
@@ -262,6 +293,27 @@ def _network_kwargs(cls, state: dict, where: str) -> dict:
     if unknown:
         raise CheckpointError(f"{where}: {cls.__name__} arguments {unknown} are not supported by networks/edm_unet.py")
     return dict(kwargs)
+
+
+_INIT_OPS = {torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.mul_, torch.Tensor.zero_, torch.Tensor.fill_,
+             torch.Tensor.copy_}
+
+
+class _SkipInitialisation(torch.overrides.TorchFunctionMode):
+    """Skips the in-place fills and scalings of nn.Parameters (ours and torch.nn.init's, which torch's own layers
+    use), which is all a network's random initialisation does
+    (seconds for a full-size network) and what stored weights replace anyway. The parameters keep the memory
+    `torch.empty` gave them, never touched and freed when they are replaced. (The meta device would avoid the
+    allocation too, but torch's meta versions of `normal_` and `outer` import about four seconds of compiler
+    machinery on their first use.)"""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else next(iter(kwargs.values()), None)  # torch.nn.init passes `tensor=` by name
+        if (func in _INIT_OPS or getattr(func, "__module__", None) == "torch.nn.init") and isinstance(
+                target, nn.Parameter):
+            return target
+        return func(*args, **kwargs)
 
 
 def load_edm_pickle(path) -> EDMCheckpoint:
@@ -289,10 +341,8 @@ def load_edm_pickle(path) -> EDMCheckpoint:
     state_dict = _flat_state_dict(model, "", where)
 
     try:
-        # On the meta device the constructor allocates nothing and runs no initialisation, which the stored
-        # weights would overwrite anyway (seconds for a full-size network); the stored tensors become the
-        # network's own below (assign), so no copy is made either.
-        with torch.device("meta"):
+        # No initialisation, and the stored tensors become the network's own below (assign): no copy either.
+        with _SkipInitialisation():
             net = cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: cannot build {cls.__name__}(**{kwargs}): {e}") from None
@@ -306,8 +356,9 @@ def load_edm_pickle(path) -> EDMCheckpoint:
 # Plain state dicts and teacher -> student
 
 def _load_strict(net: nn.Module, state_dict: Mapping, where: str, assign: bool = False) -> None:
-    """Load with every key and shape checked first. With `assign`, the tensors themselves become the network's
-    (for a network built on the meta device), cast to the dtype the network declares."""
+    """Load with every key and shape checked first. With `assign`, the tensors themselves become the network's,
+    cast to the dtype the network declares, and every parameter is checked to hold loaded memory (for a network
+    constructed without initialisation)."""
     own = net.state_dict()
     expected = {k: tuple(v.shape) for k, v in own.items()}
     missing = [k for k in expected if k not in state_dict]
@@ -321,9 +372,11 @@ def _load_strict(net: nn.Module, state_dict: Mapping, where: str, assign: bool =
     if assign:
         state_dict = {k: v.to(own[k].dtype) for k, v in state_dict.items()}
     net.load_state_dict(state_dict, strict=True, assign=assign)
-    left = [k for k, v in [*net.named_parameters(), *net.named_buffers()] if v.is_meta]
-    if left:  # a tensor the state dict does not hold (a non-persistent buffer) would stay without storage
-        raise CheckpointError(f"{where}: {type(net).__name__} tensors {left[:5]} are not in the checkpoint")
+    if assign:
+        loaded = {v.data_ptr() for v in state_dict.values()}
+        left = [k for k, p in net.named_parameters() if p.numel() and p.data_ptr() not in loaded]
+        if left:  # cannot happen after a strict load of a state dict that lists every parameter
+            raise CheckpointError(f"{where}: {type(net).__name__} parameters {left[:5]} were not loaded")
 
 
 def read_state_dict_file(path) -> dict:
