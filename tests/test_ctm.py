@@ -243,8 +243,9 @@ class ExactDenoiserNet(nn.Module):
 
     def forward(self, x_in, c_t, class_labels=None, noise_labels_s=None):
         sigma = (4 * c_t).exp()
-        c_skip, c_out, c_in, _ = edm.precond(sigma[:, None])
-        x = x_in / c_in
+        sig = sigma[:, None]                                                  # EDM Table 1, written out
+        c_skip, c_out = sd**2 / (sig**2 + sd**2), sig * sd / (sig**2 + sd**2).sqrt()
+        x = x_in * (sig**2 + sd**2).sqrt()                                    # undo c_in = 1/sqrt(σ² + σ_d²)
         return (self.D(x, sigma) - c_skip * x) / c_out + self.delta
 
 

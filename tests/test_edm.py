@@ -127,9 +127,9 @@ class ExactNet(torch.nn.Module):
         self.D, self.delta = D, delta
 
     def forward(self, x_in, c_noise, labels=None):
-        sigma = (4 * c_noise).exp()[:, None]                  # c_noise = ln σ / 4
-        c_skip, c_out, c_in, _ = edm.precond(sigma)
-        x = x_in / c_in
+        sigma, sd = (4 * c_noise).exp()[:, None], edm.SIGMA_DATA   # c_noise = ln σ / 4
+        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()  # Table 1, written out
+        x = x_in * (sigma**2 + sd**2).sqrt()                  # undo c_in = 1/sqrt(σ² + σ_d²)
         D = self.D(x, sigma.flatten()) + self.delta * torch.tanh(x.flip(1))
         return (D - c_skip * x) / c_out
 

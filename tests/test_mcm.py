@@ -24,8 +24,9 @@ class DenoiserAsNet(nn.Module):
 
     def forward(self, x_in, noise_labels, class_labels=None, noise_labels_s=None):
         sigma = (4 * noise_labels.to(f64)).exp()                                   # c_noise = ln σ / 4
-        c_skip, c_out, c_in, _ = edm.precond(edm.bcast(sigma, x_in), self.sigma_data)
-        x = x_in / c_in
+        sd, sig = self.sigma_data, sigma[:, None]
+        c_skip, c_out = sd**2 / (sig**2 + sd**2), sig * sd / (sig**2 + sd**2).sqrt()  # EDM Table 1, written out
+        x = x_in * (sig**2 + sd**2).sqrt()                                          # undo c_in = 1/sqrt(σ² + σ_d²)
         return (self.D(x, sigma, class_labels) - c_skip * x) / c_out
 
 
@@ -35,8 +36,10 @@ def student(seed=0):
 
 
 def f(net, x, sigma):
-    """The student's x̂_θ written out from EDM Eq. 7 (σ > 0)."""
-    return edm.denoise(net, x, edm.bcast(sigma, x).flatten())
+    """The student's x̂_θ written out from EDM Eq. 7 with Table 1's coefficients (σ > 0)."""
+    sig, sd = edm.bcast(sigma, x), edm.SIGMA_DATA
+    c_skip, c_out, c_in = sd**2 / (sig**2 + sd**2), sig * sd / (sig**2 + sd**2).sqrt(), 1 / (sig**2 + sd**2).sqrt()
+    return c_skip * x + c_out * net(c_in * x, (sig.log() / 4).flatten())
 
 
 def rho_w(cfg, delta, sigma_t):
