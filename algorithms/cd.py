@@ -107,7 +107,7 @@ def sample(cfg, net, noise, labels=None, nfe=1, generator=None, path=None, outer
     if path is not None:
         path.extend([x_hat, x])
     for tau in taus:                                                              # Alg. 1: for τ_1, …, τ_{K−1}
-        z = torch.randn(noise.shape, dtype=noise.dtype, device=noise.device, generator=generator)  # Alg. 1: z
+        z = edm.randn_like(noise, generator)                                     # Alg. 1: z
         x_hat = x + (tau**2 - cfg.sigma_min**2) ** 0.5 * z                        # Alg. 1: x̂_τ
         x = f(cfg, net, x_hat, t(tau), labels, outer)                             # Alg. 1: x ← f_θ(x̂_τ, τ)
         if path is not None:

@@ -222,7 +222,7 @@ def sample(cfg, net, noise, labels=None, nfe=1, generator=None, path=None, outer
         t_tilde = math.sqrt(1 - cfg.gamma**2) * (t_steps[n + 1] - cfg.sigma_min) + cfg.sigma_min
         x = G(net, x, t_steps[n], t_tilde, labels, cfg.sigma_data, outer)             # jump t_n → t̃
         if n < nfe - 1:                                                                # no noise after the last jump
-            z = torch.randn(x.shape, dtype=x.dtype, generator=generator, device=x.device)
+            z = edm.randn_like(x, generator)
             # renoise t̃ → t_{n+1}: sqrt(t_{n+1}² − t̃²), factored so that it is exactly 0 at γ = 0
             std = math.sqrt((1 - math.sqrt(1 - cfg.gamma**2)) * (t_steps[n + 1] - cfg.sigma_min)
                             * (t_steps[n + 1] + t_tilde))

@@ -86,14 +86,16 @@ def denoise(net, x, sigma, labels=None, sigma_data=SIGMA_DATA):
 
 class Denoiser(nn.Module):
     """D(x; σ, labels) around any network. The network sits in the attribute `model`, as in the published EDM
-    checkpoints, so their `model.`-prefixed state_dict keys load without remapping."""
+    checkpoints, so their `model.`-prefixed state_dict keys load without remapping. `fp16`: on CUDA the network
+    runs under fp16 autocast, as the published `use_fp16` flag (ImageNet-64 ADM) asks; elsewhere it does nothing."""
 
-    def __init__(self, model, sigma_data=SIGMA_DATA):
+    def __init__(self, model, sigma_data=SIGMA_DATA, fp16=False):
         super().__init__()
-        self.model, self.sigma_data = model, sigma_data
+        self.model, self.sigma_data, self.fp16 = model, sigma_data, fp16
 
     def forward(self, x, sigma, labels=None):
-        return denoise(self.model, x, sigma, labels, self.sigma_data)
+        with torch.autocast("cuda", torch.float16, enabled=self.fp16 and x.is_cuda):
+            return denoise(self.model, x, sigma, labels, self.sigma_data).to(x.dtype)
 
 
 def loss(cfg, net, x, labels=None, generator=None):
@@ -146,6 +148,15 @@ def pseudo_huber(a, b, c=None):
     outliers weigh less than under squared l2."""
     c = 0.00054 * a[0].numel() ** 0.5 if c is None else c
     return ((a - b).flatten(1).square().sum(1) + c**2).sqrt() - c
+
+
+def randn_like(x, generator=None):
+    """N(0, I) shaped like x. `generator` is a torch.Generator, or a list of them, one per example (one random stream
+    per seed, as EDM's generate.py draws): then row i depends on its own seed only, not on the batch around it."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(x.shape[1:], dtype=x.dtype, device=g.device, generator=g)
+                            for g in generator]).to(x.device)
+    return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
 
 
 def ema_beta(batch, halflife, seen=None, rampup=None):

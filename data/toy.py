@@ -61,6 +61,12 @@ class GaussianMixture:
         # Σ_k p_k·(μ_k + shrink·(x − μ_k)) = (1 − shrink)·Σ_k p_k μ_k + shrink·x
         return ((1 - shrink) * (p @ means) + shrink * x64).to(x.dtype)
 
+    def nearest_component(self, x):
+        """The component each sample [B, d] most likely came from, argmax_k ln w_k − ‖x − μ_k‖²/(2std²) (for a point
+        set, std = 0: the nearest point): the mode that `metrics.paired_gap` compares. Returns indices [B]."""
+        d2 = torch.cdist(x.to(torch.float64), self.means.to(x.device)).square()      # [B, K]
+        return (-d2 if self.std == 0 else self.log_w.to(x.device) - d2 / (2 * self.std**2)).argmax(1)
+
     def ode(self, x, t, s, labels=None, steps_per_unit=20):
         """The exact teacher: the PF-ODE solution at σ = s started from x at σ = t (see `ode_solve`)."""
         return ode_solve(self.denoiser, x, t, s, labels, steps_per_unit)
