@@ -226,6 +226,18 @@ MUTANTS = [
     (TOY, "n = max(1, math.ceil(float((lam_t - lam_s).abs().max()) * steps_per_unit))",
           "n = max(1, math.ceil(float((lam_t - lam_s).abs().min()) * steps_per_unit))"),
     (CK, "return any(part.endswith(\"_s\") for part in key.split(\".\"))", "return key.endswith(\"_s\")"),
+    # ---- third batch: broadcasting, loop bounds, guards an independent reader might slip on
+    (E, "return v.reshape(-1, *([1] * (x.ndim - 1)))", "return v.reshape(-1, 1)"),
+    (A, "out.append(x_var_empirical(x, x_hat, eta).mean())", "out.append(x_var_empirical(x, x_hat, eta).mean() / eta)"),
+    (A, "eps_hat = (x64 - x_hat64) / sigma_t ", "eps_hat = (x64 - x_hat64) "),
+    (TOY, "k4 = f(x + h * k3, lam + h)", "k4 = f(x + h * k3, lam)"),
+    (TOY, "k2 = f(x + h / 2 * k1, lam + h / 2)", "k2 = f(x + h * k1, lam + h / 2)"),
+    (TOY, "if bool((lam_s > lam_t).any()):", "if False:"),
+    (M, "frac * (math.log(cfg.N_end) - math.log(cfg.N_start))", "frac * (cfg.N_end - cfg.N_start)"),
+    (T, "t_steps = sigma_grid(nfe + 1, cfg.sigma_min", "t_steps = sigma_grid(nfe + 2, cfg.sigma_min"),
+    (CK, "return np.frombuffer(data, dtype=dtype, count=1)[0].item()", "return np.frombuffer(data, dtype=dtype)[0]"),
+    (CK, "missing = [k for k in expected if k not in state and not is_s_key(k)]",
+         "missing = [k for k in expected if k not in state and is_s_key(k)]"),
 ]
 
 
@@ -257,8 +269,10 @@ def main():
     ap.add_argument("-k", default="", help="only mutants whose file or text contains this")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--start", type=int, default=0, help="only mutants from this index on")
     args = ap.parse_args()
-    chosen = [(i, m) for i, m in enumerate(MUTANTS) if args.k in m[0] or args.k in m[1] or args.k in m[2]]
+    chosen = [(i, m) for i, m in enumerate(MUTANTS) if i >= args.start and (args.k in m[0] or args.k in m[1] or
+                                                                          args.k in m[2])]
     if args.list:
         for i, m in chosen:
             print(i, m[0], repr(m[1]), "->", repr(m[2]), *m[3:])
