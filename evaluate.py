@@ -162,9 +162,9 @@ def summary(m):
         if ref == "vs_data":
             parts.append(f"SW2 to data {r['sw2_to_data']:.4f} (floor {r['sw2_data_floor']:.4f})")
         else:
+            other = "" if r["mode_switch_fraction"] is None else f", other mode {r['mode_switch_fraction']:.2%}"
             parts.append(f"gap to {ref[3:].replace('_', ' ')} {r['gap_mean']:.3e} ± {r['gap_se']:.1e} "
-                         f"(median {r['gap_median']:.1e}, other mode {r['mode_switch_fraction'] or 0:.2%}, "
-                         f"energy p {r['energy_to_ode_p']:.2f})")
+                         f"(median {r['gap_median']:.1e}{other}, energy p {r['energy_to_ode_p']:.2f})")
     return ";  ".join(parts)
 
 

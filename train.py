@@ -27,7 +27,7 @@ import torch.distributed as dist
 import evaluate
 import rundir
 from algorithms import analytic_precond, edm
-from data import images, toy
+from data import images, loader, toy
 from networks import checkpoint, edm_unet, uvit
 
 # Each algorithm's defaults: toy data, iterations on toys (twice as many on images), Adam's lr on toys and images,
@@ -160,28 +160,15 @@ data_record = dict(name=data_name, shape=list(data_shape), label_dim=label_dim)
 exact = dataset.denoiser if is_toy else images.EmpiricalTeacher(dataset).to(device) if data_name == "digits" else None
 
 
-def get_batch(indices, g):
-    """Training examples and one-hot labels (or None) at `indices`, on the device."""
-    if is_toy:
-        x, y = x_train[indices], (y_train[indices] if y_train is not None and label_dim else None)
-    else:
-        x, y = dataset.batch(indices.numpy(), args.xflip, g)
-        y = images.one_hot(y, label_dim) if y is not None and label_dim else None
+def get_batch(indices):
+    """Training examples and one-hot labels (or None) at `indices`, on the device (for statistics and pictures)."""
+    x, y = (x_train[indices], y_train[indices] if y_train is not None else None) if is_toy else dataset.batch(indices)
+    return on_device(x, y)
+
+
+def on_device(x, y):
+    y = None if y is None or not label_dim else y if is_toy else images.one_hot(y, label_dim)
     return x.to(device, non_blocking=True), (None if y is None else y.to(device, non_blocking=True))
-
-
-_perm = {}
-
-
-def global_batch_indices(step):
-    """Indices of the global batch at `step`: a function of (seed, step) only, so that resuming needs no loader
-    state and every rank agrees on the batch without communication. One permutation per epoch."""
-    per_epoch = max(num_train // args.batch, 1)
-    epoch, i = divmod(step, per_epoch)
-    if epoch not in _perm:
-        _perm.clear()
-        _perm[epoch] = torch.randperm(num_train, generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
-    return _perm[epoch][i * args.batch:(i + 1) * args.batch]
 
 
 # ---------------------------------------------------------------- the teacher φ (frozen) and the student's network
@@ -273,7 +260,7 @@ def analytic_statistics():
     """Analytic-Precond's ℓ and κ of the teacher (once per run, on rank 0), as the record that rebuilds its Stats."""
     t0, ap_cfg = time.time(), analytic_precond.Config(num_samples=1024 if is_toy else 256)
     idx = torch.randperm(num_train, generator=torch.Generator().manual_seed(args.seed))[:ap_cfg.num_samples]
-    x0, y0 = get_batch(idx, None)
+    x0, y0 = get_batch(idx)
     s = analytic_precond.compute_stats(ap_cfg, teacher, x0, y0, torch.Generator(device).manual_seed(1))
     log(f"Analytic-Precond statistics: {time.time() - t0:.1f}s")
     return {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.init}
@@ -355,15 +342,17 @@ def run(outdir, cfg):
     log_file = rundir.StatsLog(os.path.join(outdir, "stats.jsonl"), step) if master else None
     skips_in_row, skips_total, t_start, step0 = 0, 0, time.time(), step
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, count] since the last log line
+    # The examples of a micro-batch, and its noise, depend only on (seed, step, its global position j), so N ranks
+    # and one rank with N-fold accumulation see identical examples and noise, and a resume needs no loader state.
+    train_data = (x_train, y_train) if is_toy else dataset
+    batches = loader.batches(train_data, args.seed, args.batch, batch_gpu, rank, accum, step, iters, args.xflip,
+                             0 if is_toy else 2 if args.workers is None else args.workers, device.type == "cuda")
     while step < iters:
-        idx = global_batch_indices(step)
         opt.zero_grad(set_to_none=True)
         for m in range(accum):
-            # A micro-batch's examples and noise depend only on its global position j, so N ranks and one rank with
-            # N-fold accumulation see identical examples and identical noise.
-            j = rank * accum + m
-            g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 4099 + j)
-            x, labels = get_batch(idx[j * batch_gpu:(j + 1) * batch_gpu], torch.Generator().manual_seed(step * 4099 + j))
+            _, _, x, labels = next(batches)
+            x, labels = on_device(x, labels)
+            g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 4099 + rank * accum + m)
             with ddp_net.no_sync() if ddp and m < accum - 1 else contextlib.nullcontext():
                 with autocast():
                     loss = training_loss(x, labels, step, g).float().mean()
@@ -430,7 +419,7 @@ def finish(outdir, model, ema, outer, step):
                                 moved(teacher), noise.to(dtype), None if labels is None else labels.to(dtype),
                                 moved(exact), dataset.nearest_component if is_toy else None, **data,
                                 generator=torch.Generator(dev).manual_seed(2), outer=outer, refs=_refs)
-        x_data = x_train[:2000] if is_toy else get_batch(torch.arange(min(num_train, 64)), None)[0]
+        x_data = x_train[:2000] if is_toy else get_batch(torch.arange(min(num_train, 64)))[0]
         res = dict(algo=args.algo, data=data_name, iters=step, precond=args.precond or "paper", ct=args.ct,
                    eval_samples=n, by_nfe=out["by_nfe"])
         for nfe, m in res["by_nfe"].items():
