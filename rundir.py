@@ -230,3 +230,18 @@ def set_rng_state(rng, device):
     torch.set_rng_state(rng["cpu"])
     if device.type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def on_master(fn, world_size):
+    """fn() on rank 0, its result (or the message of a RunError, CheckpointError or ValueError) sent to every rank
+    as ("ok", result) or ("error", message), so that every rank stops alike."""
+    import torch.distributed as dist
+    box = [None]
+    if world_size == 1 or dist.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except ValueError as e:  # RunError and CheckpointError are ValueErrors
+            box = [("error", str(e))]
+    if world_size > 1:
+        dist.broadcast_object_list(box)
+    return box[0]

@@ -28,7 +28,7 @@ import evaluate
 import rundir
 from algorithms import analytic_precond, edm
 from data import images, loader, toy
-from networks import checkpoint, edm_unet, uvit
+from networks import checkpoint
 
 # Each algorithm's defaults: toy data, iterations on toys (twice as many on images), Adam's lr on toys and images,
 # the target rate μ on toys (the papers' μ is tuned for 100k+ iterations), the s-input of CTM's network, the
@@ -44,9 +44,7 @@ ALGOS = {
 }
 DISTANCES = {"squared_l2": edm.squared_l2, "l2": edm.l2, "pseudo_huber": edm.pseudo_huber}  # --distance -> d(a, b)
 IMAGE_FLAGS = ("xflip", "fid", "arch", "workers", "dropout")
-ARCHS = {**{k: (edm_unet.SongUNet, v) for k, v in edm_unet.SONGUNET_CONFIGS.items()},
-         **{k: (edm_unet.DhariwalUNet, v) for k, v in edm_unet.DHARIWALUNET_CONFIGS.items()},
-         **{k: (uvit.UViT, v) for k, v in uvit.UVIT_CONFIGS.items()}}
+ARCHS = checkpoint.architectures()
 
 
 parser = argparse.ArgumentParser(description="Train EDM, CD, CTM or MCM (see README.md).")
@@ -197,24 +195,6 @@ if arch is not None and arch not in ARCHS:
          f"--data {data_name}: no default architecture for {dataset.resolution}x{dataset.resolution} images; choose --arch")
 
 
-def network_spec():
-    """The record of the student's network: the teacher's architecture, else the 2D MLP for toys, else the named
-    image architecture fitted to the data's channels and labels; with the student's dropout and s-input."""
-    if teacher_info is not None:
-        cls, kwargs = teacher_info.spec["cls"], dict(teacher_info.spec["kwargs"])
-    elif is_toy:
-        cls, kwargs = "MLP", dict(dim=dataset.dim, label_dim=label_dim)
-    else:
-        net_cls, kwargs = ARCHS[arch]
-        cls = net_cls.__name__
-        kwargs = {**kwargs, "label_dim": label_dim, **(dict(img_channels=data_shape[0]) if cls == "UViT" else
-                                                      dict(in_channels=data_shape[0], out_channels=data_shape[0]))}
-    dropout = args.dropout if args.dropout is not None else A["dropout"]
-    if dropout is not None and "dropout" in kwargs or args.dropout is not None:
-        kwargs["dropout"] = dropout
-    return dict(cls=cls, kwargs={**kwargs, "s_embedding": A["s_input"]})
-
-
 def configs():
     """The algorithm's Config with the paper's defaults, overridden by the flags given: one per run (per S)."""
     cfg = evaluate.ALGOS[args.algo].Config()
@@ -233,21 +213,10 @@ iters = args.iters or A["iters"] * (1 if is_toy else 2)
 lr = args.lr or A["lr"][0 if is_toy else 1]
 ema_halflife = args.ema_halflife or (20_000 if is_toy else 500_000)
 amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+spec = checkpoint.student_spec(teacher_info, arch, data_record, A["dropout"] if args.dropout is None else args.dropout,
+                              A["s_input"])
 run_args = {**vars(args), "data": data_name, "arch": arch, "lr": lr, "ema_halflife": ema_halflife,
-            "dropout": network_spec()["kwargs"].get("dropout"), "student_steps": steps, "outdir": outdir}
-
-
-def on_master(fn):
-    """fn() on rank 0, its result (or its error message) sent to every rank."""
-    box = [None]
-    if master:
-        try:
-            box = [("ok", fn())]
-        except (rundir.RunError, checkpoint.CheckpointError, ValueError) as e:
-            box = [("error", str(e))]
-    if ddp:
-        dist.broadcast_object_list(box)
-    return box[0]
+            "dropout": spec["kwargs"].get("dropout"), "student_steps": steps, "outdir": outdir}
 
 
 def autocast():
@@ -269,7 +238,6 @@ def analytic_statistics():
 # ---------------------------------------------------------------- one training run
 def run(outdir, cfg):
     torch.manual_seed(args.seed)  # the same initial weights on every rank (and so for net_ema and ema, too)
-    spec = network_spec()
     net = checkpoint.build_network(spec).to(device)
     if args.init_from_teacher:  # every student starts as the teacher (CM, CTM and MCM all do)
         checkpoint.load_teacher_into_student(net, teacher_info.net)
@@ -281,7 +249,7 @@ def run(outdir, cfg):
     ema = copy.deepcopy(net).requires_grad_(False)  # evaluation EMA (EDM-style half-life), never a teacher
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr, foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    resumed = on_master(lambda: rundir.resume_state(outdir, run_args, log)[0]) if args.resume and (
+    resumed = rundir.on_master(lambda: rundir.resume_state(outdir, run_args, log)[0], world_size) if args.resume and (
         len(steps) == 1 or rundir.checkpoints(outdir)) else None
     if resumed is not None and resumed[0] == "error":
         fail(f"--resume: {resumed[1]}")
@@ -299,10 +267,10 @@ def run(outdir, cfg):
         log(f"resumed from {path} at iteration {step}")
     else:  # a new run (or, resuming several S, one that had not reached its first checkpoint)
         if args.precond == "analytic":  # once per run, on rank 0, sent to every rank; refused if out of bounds
-            stats = on_master(analytic_statistics)[1]
+            stats = rundir.on_master(analytic_statistics, world_size)[1]
             if why := analytic_precond.check_bounded(evaluate.analytic_stats(dict(analytic_stats=stats))):
                 fail(f"--precond analytic: {why}")
-        claimed = on_master(lambda: rundir.claim(outdir, run_args, resume=args.resume))
+        claimed = rundir.on_master(lambda: rundir.claim(outdir, run_args, resume=args.resume), world_size)
         if claimed[0] == "error":
             fail(f"--outdir {claimed[1]}")
         torch.manual_seed(args.seed * 1009 + rank)  # per-rank seed for anything not driven by explicit generators
@@ -444,7 +412,7 @@ def finish(outdir, model, ema, outer, step):
 if len(steps) > 1:  # several S: the parent folder is this run's too (its summary, picture and args.json)
     if args.resume and not any(rundir.checkpoints(d) for d, _ in configs()):
         fail(f"--resume: no checkpoint in {outdir}")
-    claimed = on_master(lambda: rundir.claim(outdir, run_args, resume=args.resume))
+    claimed = rundir.on_master(lambda: rundir.claim(outdir, run_args, resume=args.resume), world_size)
     if claimed[0] == "error":
         fail(f"--outdir {claimed[1]}")
 results = [run(d, cfg) for d, cfg in configs()]

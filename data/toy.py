@@ -73,9 +73,9 @@ class GaussianMixture:
 
 
 def column(v, x):
-    """A float or a per-example [B] tensor as a [B, 1] column in x's dtype, against flat data x of shape [B, d]."""
+    """A float or a per-example [B] tensor as [B, 1, ..., 1] in x's dtype, against x of shape [B, ...]."""
     v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
-    return v.expand(x.shape[0]).reshape(-1, 1)
+    return v.expand(x.shape[0]).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def one_hot(k, n, dtype=torch.float32):

@@ -520,3 +520,29 @@ def teacher_mismatch(teacher: Teacher, data: dict, by_name: bool) -> str | None:
         return (f"label_dim {kw.get('label_dim') or 0}, but the run has {data['label_dim']} classes "
                 f"({'add' if kw.get('label_dim') else 'drop'} --cond)")
     return None
+
+
+def architectures():
+    """Every named image architecture: name -> (class name, constructor arguments)."""
+    from networks import edm_unet, uvit
+    return {**{k: ("SongUNet", v) for k, v in edm_unet.SONGUNET_CONFIGS.items()},
+            **{k: ("DhariwalUNet", v) for k, v in edm_unet.DHARIWALUNET_CONFIGS.items()},
+            **{k: ("UViT", v) for k, v in uvit.UVIT_CONFIGS.items()}}
+
+
+def student_spec(teacher: Teacher | None, arch: str | None, data: dict, dropout, s_embedding: bool) -> dict:
+    """The record {cls, kwargs} of a student network: the teacher's architecture, else the 2D MLP for flat data,
+    else the named image architecture fitted to the data's channels and classes; with the student's dropout (None:
+    the architecture's own) and, for CTM, the s-input."""
+    if teacher is not None:
+        cls, kwargs = teacher.spec["cls"], dict(teacher.spec["kwargs"])
+    elif len(data["shape"]) == 1:
+        cls, kwargs = "MLP", dict(dim=data["shape"][0], label_dim=data["label_dim"])
+    else:
+        cls, kwargs = architectures()[arch]
+        c = data["shape"][0]
+        kwargs = {**kwargs, "label_dim": data["label_dim"],
+                  **(dict(img_channels=c) if cls == "UViT" else dict(in_channels=c, out_channels=c))}
+    if dropout is not None and "dropout" in inspect.signature(network_classes()[cls]).parameters:
+        kwargs["dropout"] = dropout
+    return dict(cls=cls, kwargs={**kwargs, "s_embedding": s_embedding})
