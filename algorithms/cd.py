@@ -14,7 +14,8 @@ t_n by one Heun step of the teacher φ, and pulls the student's output at t_{n+1
     L_CD = E[ λ(t_n) · d( f_θ(x + t_{n+1} z, t_{n+1}),  f_{θ⁻}(x̂^φ_{t_n}, t_n) ) ],   θ⁻ ← sg(μ θ⁻ + (1 − μ) θ)
 
 Sampling (Alg. 1): x ← f_θ(T·z, T), then for each τ_k: x ← f_θ(x + sqrt(τ_k² − ε²)·z_k, τ_k). One NFE per step.
-The outer coefficients (c_skip, c_out) can be replaced by Analytic-Precond's (β(t, ε), α(t, ε)).
+The outer coefficients (c_skip, c_out) are a function `outer(t, s) -> (β, α)` with s = ε, so that another
+preconditioning (e.g. Analytic-Precond's β(t, ε), α(t, ε)) can replace them; None means CM's.
 
 | code                | paper                       | code         | paper                          |
 |---------------------|-----------------------------|--------------|--------------------------------|
@@ -22,13 +23,13 @@ The outer coefficients (c_skip, c_out) can be replaced by Analytic-Precond's (β
 | `teacher`           | D_φ (EDM denoiser)          | `f`          | f_θ(x, t)                      |
 | `sigma_min`, `sigma_max` | ε, T                   | `N`          | N (grid levels)                |
 | `t_n1`, `t_n`       | t_{n+1} > t_n               | `x_hat`      | x̂^φ_{t_n}                      |
-| `taus`              | τ_1 > … > τ_{K−1}           | `precond`    | Analytic-Precond `Stats`, or None (CM's) |
+| `taus`              | τ_1 > … > τ_{K−1}           | `outer`      | (t, s) ↦ (β, α), or None (CM's c_skip, c_out) |
 """
 from dataclasses import dataclass
 
 import torch
 
-from algorithms import analytic_precond, edm
+from algorithms import edm
 
 
 @dataclass
@@ -72,21 +73,21 @@ def cm_scalings(cfg, t):
     return c_skip, c_out
 
 
-def f(cfg, net, x, t, labels=None, precond=None):
+def f(cfg, net, x, t, labels=None, outer=None):
     """f_θ(x, t) = c_skip(t)·x + c_out(t)·F_θ(c_in(t)·x, c_noise(t)) (§1, the paper's §3) with t a float64
-    [B] tensor. With `precond` (Analytic-Precond statistics) c_skip, c_out become β(t, ε), α(t, ε), which also give
-    f_θ(x, ε) = x since f(ε, ε) = 1, g(ε, ε) = 0 (analytic_precond.md §4.1)."""
-    if precond is None:
+    [B] tensor. With `outer`, a function (t, s) -> (β, α) of float64 [B] tensors, c_skip, c_out become
+    β(t, ε), α(t, ε); the boundary condition f_θ(x, ε) = x then holds if β(ε, ε) = 1 and α(ε, ε) = 0."""
+    if outer is None:
         c_skip, c_out = cm_scalings(cfg, t)
     else:
-        c_skip, c_out = analytic_precond.coefficients(precond, t, torch.full_like(t, cfg.sigma_min))
+        c_skip, c_out = outer(t, torch.full_like(t, cfg.sigma_min))
     _, _, c_in, c_noise = edm.precond(t, cfg.sigma_data)                                      # §1: EDM's c_in, c_noise
     F_x = net(edm.bcast(c_in, x) * x, c_noise.to(x.dtype), labels)
     # The coefficients are float64; cast them (not x) so the result keeps the network's dtype.
     return edm.bcast(c_skip, x) * x + edm.bcast(c_out, x) * F_x.to(x.dtype)
 
 
-def loss(cfg, net, net_ema, teacher, x, labels=None, generator=None, precond=None):
+def loss(cfg, net, net_ema, teacher, x, labels=None, generator=None, outer=None):
     """Per-example CD loss [B] (Alg. 2) with λ(t_n) ≡ 1 ("uniform", §4) and one teacher Heun step (§3)."""
     t_grid = edm.sigma_grid(cfg.N, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(x.device)  # descending, [0] = T (§2)
     # §2: n ~ U{1, …, N−1} on the paper's ascending grid = an adjacent pair (idx, idx + 1) on the descending one;
@@ -99,8 +100,8 @@ def loss(cfg, net, net_ema, teacher, x, labels=None, generator=None, precond=Non
         x_hat = edm.heun_step(teacher, x_t_n1, t_n1, t_n, labels)                            # Alg. 2 l. 6, §3
         # fork_rng restores the RNG afterwards, so the student pass below sees the same dropout masks (§4).
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-            target = f(cfg, net_ema, x_hat, t_n, labels, precond)                              # f_{θ⁻}(x̂, t_n)
-    pred = f(cfg, net, x_t_n1, t_n1, labels, precond)                                  # f_θ(x_{t_{n+1}}, t_{n+1})
+            target = f(cfg, net_ema, x_hat, t_n, labels, outer)                                # f_{θ⁻}(x̂, t_n)
+    pred = f(cfg, net, x_t_n1, t_n1, labels, outer)                                    # f_θ(x_{t_{n+1}}, t_{n+1})
     return DISTANCES[cfg.distance](pred, target, cfg)                                          # Alg. 2 l. 7, λ ≡ 1
 
 
@@ -113,7 +114,7 @@ def default_taus(cfg, nfe):
 
 
 @torch.no_grad()
-def sample(cfg, net, noise, labels=None, nfe=1, generator=None, path=None, precond=None, taus=None):
+def sample(cfg, net, noise, labels=None, nfe=1, generator=None, path=None, outer=None, taus=None):
     """Multistep consistency sampling, Alg. 1; `noise` is unit-variance N(0, I) and nfe = len(taus) + 1.
     `path`, if a list, receives x̂_T and then every noised input x̂_τ and every output f_θ(·)."""
     taus = default_taus(cfg, nfe) if taus is None else list(taus)
@@ -122,13 +123,13 @@ def sample(cfg, net, noise, labels=None, nfe=1, generator=None, path=None, preco
     B = noise.shape[0]
     t = lambda v: torch.full((B,), v, dtype=torch.float64, device=noise.device)
     x_hat = noise * cfg.sigma_max                                                 # Alg. 1 l. 1: x̂_T ~ N(0, T² I)
-    x = f(cfg, net, x_hat, t(cfg.sigma_max), labels, precond)                    # Alg. 1 l. 2: x ← f_θ(x̂_T, T)
+    x = f(cfg, net, x_hat, t(cfg.sigma_max), labels, outer)                      # Alg. 1 l. 2: x ← f_θ(x̂_T, T)
     if path is not None:
         path.extend([x_hat, x])
     for tau in taus:                                                              # Alg. 1 l. 3
         z = torch.randn(noise.shape, dtype=noise.dtype, device=noise.device, generator=generator)  # Alg. 1 l. 4
         x_hat = x + (tau**2 - cfg.sigma_min**2) ** 0.5 * z                        # Alg. 1 l. 5
-        x = f(cfg, net, x_hat, t(tau), labels, precond)                           # Alg. 1 l. 6
+        x = f(cfg, net, x_hat, t(tau), labels, outer)                             # Alg. 1 l. 6
         if path is not None:
             path.extend([x_hat, x])
     return x

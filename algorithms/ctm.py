@@ -13,10 +13,10 @@ differ, the comment says which one is followed.
     L_DSM = E w(σ)·‖g_θ(x_0 + σz, σ, σ) − x_0‖²                        the student's own denoiser (§6)
     L = L_CTM + λ_DSM·L_DSM,  λ_DSM = ‖∇_{θ_L} L_CTM‖ / (‖∇_{θ_L} L_DSM‖ + 1e-4)   adaptive balance (§6, §8)
 
-Swappable preconditioning: the jumper is G_θ = β(t,s)·x_t + α(t,s)·NN_θ. `precond=None` is CTM's own
-β = (σ_d² + st)/(σ_d² + t²), α = σ_d(t − s)/sqrt(σ_d² + t²) (§1); an Analytic-Precond statistics object instead
-takes β, α from `algorithms.analytic_precond.coefficients` (analytic_precond.md §3.3, §4.2). The inner EDM
-denoiser g_θ, hence the DSM term, is the same under both.
+Swappable preconditioning: the jumper is G_θ = β(t,s)·x_t + α(t,s)·NN_θ with the outer coefficients a function
+`outer(t, s) -> (β, α)`. `outer=None` is CTM's own β = s/t + (1 − s/t)·c_skip(t), α = (1 − s/t)·c_out(t) (§1);
+any other preconditioning (e.g. Analytic-Precond's) is passed in as such a function. The inner EDM denoiser g_θ,
+hence the DSM term, is the same under all.
 
 Not here: CTM's GAN loss (§7). It is out of scope; Analytic-Precond's CTM experiments run without it
 (analytic_precond.md §4.2). LPIPS (§4.1) is not implemented either (it needs ImageNet VGG weights); the
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms import analytic_precond, edm
+from algorithms import edm
 from algorithms.edm import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, bcast, sigma_grid
 
 
@@ -84,36 +84,42 @@ class Config:
 
 # ---- the jumper (§1) -------------------------------------------------------------------------------------------
 
-def bcast64(v, x):
-    """A per-example [B] noise level (or a float) as float64 [B, 1, ..., 1]: coefficient maths runs in float64."""
-    v = torch.as_tensor(v, dtype=torch.float64, device=x.device)
-    return v.expand(x.shape[0]).reshape(-1, *([1] * (x.ndim - 1)))
+def per_example(v, x):
+    """A noise level (a float or a [B] tensor) as a float64 [B] tensor on x's device: coefficient maths runs in
+    float64 and is cast to x's dtype only by `bcast`, at the end."""
+    if isinstance(v, torch.Tensor):
+        return v.to(x.device, torch.float64).expand(x.shape[0])
+    return torch.full((x.shape[0],), float(v), dtype=torch.float64, device=x.device)
+
+
+def ctm_outer(t, s, sigma_data=SIGMA_DATA):
+    """CTM's outer coefficients (β, α) of G_θ = β·x_t + α·NN_θ, float64 [B]: β = s/t + (1 − s/t)·c_skip(t),
+    α = (1 − s/t)·c_out(t) (§1). At s = t they are exactly (1, 0)."""
+    c_skip, c_out, _, _ = edm.precond(t, sigma_data)
+    r = s / t
+    return r + (1 - r) * c_skip, (1 - r) * c_out
 
 
 def F(net, x, t, s, labels=None, sigma_data=SIGMA_DATA):
     """NN_θ(c_in(t)·x_t, c_noise(t), c_noise(s)): the raw network, preconditioned in t only (§1, §2)."""
-    t, s = bcast64(t, x), bcast64(s, x)
+    t, s = per_example(t, x), per_example(s, x)
     _, _, c_in, c_noise = edm.precond(t, sigma_data)                  # EDM Table 1 of t, no ε-shift, no s (§1)
-    return net(c_in.to(x.dtype) * x, c_noise.flatten().to(x.dtype), labels,
-               noise_labels_s=(s.log() / 4).flatten().to(x.dtype)).to(x.dtype)  # s as the second label (§2)
+    return net(bcast(c_in, x) * x, c_noise.to(x.dtype), labels,
+               noise_labels_s=(s.log() / 4).to(x.dtype)).to(x.dtype)  # s as the second label (§2)
 
 
 def g(net, x, t, s, labels=None, sigma_data=SIGMA_DATA):
     """g_θ(x_t, t, s) = c_skip(t)·x_t + c_out(t)·NN_θ (§1). At s = t it is the student's denoiser."""
-    c_skip, c_out, _, _ = edm.precond(bcast64(t, x), sigma_data)
-    return c_skip.to(x.dtype) * x + c_out.to(x.dtype) * F(net, x, t, s, labels, sigma_data)
+    c_skip, c_out, _, _ = edm.precond(per_example(t, x), sigma_data)
+    return bcast(c_skip, x) * x + bcast(c_out, x) * F(net, x, t, s, labels, sigma_data)
 
 
-def G(net, x, t, s, labels=None, sigma_data=SIGMA_DATA, precond=None):
-    """G_θ(x_t, t, s), the jump from t to s ≤ t (§1). `precond=None`: CTM's (s/t, 1 − s/t) around g_θ. Otherwise
-    Analytic-Precond's G_θ = β(t,s)·x_t + α(t,s)·NN_θ, with β, α from the statistics object `precond`."""
-    if precond is None:
-        r = (bcast64(s, x) / bcast64(t, x)).to(x.dtype)               # s/t, exactly 1 when s = t
-        return r * x + (1 - r) * g(net, x, t, s, labels, sigma_data)  # §1: G_θ = (s/t)x_t + (1 − s/t)g_θ
-    t64, s64 = bcast64(t, x).flatten(), bcast64(s, x).flatten()
-    beta, alpha = analytic_precond.coefficients(precond, t64, s64)    # analytic_precond.md §3.3, §4.2
-    beta, alpha = bcast64(beta, x).to(x.dtype), bcast64(alpha, x).to(x.dtype)
-    return beta * x + alpha * F(net, x, t, s, labels, sigma_data)
+def G(net, x, t, s, labels=None, sigma_data=SIGMA_DATA, outer=None):
+    """G_θ(x_t, t, s) = β(t,s)·x_t + α(t,s)·NN_θ, the jump from t to s ≤ t (§1). `outer(t, s) -> (β, α)` on
+    float64 [B] tensors; None is CTM's `ctm_outer`, i.e. G_θ = (s/t)·x_t + (1 − s/t)·g_θ."""
+    t, s = per_example(t, x), per_example(s, x)
+    beta, alpha = ctm_outer(t, s, sigma_data) if outer is None else outer(t, s)
+    return bcast(beta, x) * x + bcast(alpha, x) * F(net, x, t, s, labels, sigma_data)
 
 
 def frozen(net):
@@ -150,12 +156,12 @@ def teacher_solver(teacher, x, grid, n, k, labels=None):
 
 # ---- losses (§4, §6) -----------------------------------------------------------------------------------------------
 
-def ctm_distance(cfg, net, net_ema, teacher, x_t, n, k, m, labels=None, precond=None):
+def ctm_distance(cfg, net, net_ema, teacher, x_t, n, k, m, labels=None, outer=None):
     """d(x_est, x_target) per example for given grid indices (§4.2). Only the estimate's inner call G_θ(x_t,t,s)
     trains θ; the estimate's outer call is θ⁻ frozen but differentiable in its input; the rest is no_grad."""
     grid = sigma_grid(cfg.N, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(x_t.device)   # float64, index 0 = σ_max
     t, u, s = grid[n], grid[n + k], grid[m]
-    jump = lambda net_, x_, t_, s_: G(net_, x_, t_, s_, labels, cfg.sigma_data, precond)
+    jump = lambda net_, x_, t_, s_: G(net_, x_, t_, s_, labels, cfg.sigma_data, outer)
     with torch.no_grad():
         x_u = teacher_solver(teacher, x_t, grid, n, k, labels)                        # §4.2 step 2
         # §4.2 step 3. The paper writes G_sg(θ) with sg(θ) the EMA θ⁻ for this inner jump u → s; the official
@@ -194,7 +200,7 @@ def adaptive_weight(L_ctm, L_dsm, last_layer):
     return (grad_ctm.norm() / (grad_dsm.norm() + 1e-4)).clamp(0, 1e4).detach()
 
 
-def loss(cfg, net, net_ema, teacher, x, labels=None, generator=None, precond=None, last_layer=None):
+def loss(cfg, net, net_ema, teacher, x, labels=None, generator=None, outer=None, last_layer=None):
     """CTM training loss per example [B] (§4, §6, §8 without the GAN term): soft-matching L_CTM plus, if
     `cfg.use_dsm`, λ_DSM·L_DSM. `last_layer` is θ_L, the weight of `net`'s last layer (for networks/mlp.py,
     `net.out[-1].weight`); the adaptive balance differentiates both batch means with respect to it, so it is
@@ -204,7 +210,7 @@ def loss(cfg, net, net_ema, teacher, x, labels=None, generator=None, precond=Non
     n, k, m = sample_indices(cfg.N, cfg.K_max, x.shape[0], generator, x.device)       # §5.1–5.3
     t = sigma_grid(cfg.N, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(x.device)[n]
     x_t = x + bcast(t, x) * torch.randn(x.shape, dtype=x.dtype, generator=generator, device=x.device)  # §5.4
-    L_ctm = ctm_distance(cfg, net, net_ema, teacher, x_t, n, k, m, labels, precond)
+    L_ctm = ctm_distance(cfg, net, net_ema, teacher, x_t, n, k, m, labels, outer)
     if not cfg.use_dsm:
         return L_ctm
     L_dsm = dsm_loss(cfg, net, x, labels, generator)
@@ -215,7 +221,7 @@ def loss(cfg, net, net_ema, teacher, x, labels=None, generator=None, precond=Non
 # ---- γ-sampling (§9.1) ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample(cfg, net, noise, labels=None, nfe=1, generator=None, path=None, precond=None):
+def sample(cfg, net, noise, labels=None, nfe=1, generator=None, path=None, outer=None):
     """CTM's γ-sampler (§9.1, `sample_gamma_multistep`) with γ = `cfg.gamma` on a Karras grid of nfe + 1 levels
     from σ_max to σ_min; one jump (one network call) per NFE. γ = 0: deterministic long jumps along the PF-ODE;
     γ = 1: CM's multistep sampler (Song et al. 2023, Alg. 1); in between: stochastic. `noise` is unit-variance.
@@ -227,7 +233,7 @@ def sample(cfg, net, noise, labels=None, nfe=1, generator=None, path=None, preco
     for n in range(nfe):                                                               # §9.1 step 2
         # The paper's t̃ = sqrt(1−γ²)·t_{n+1}; we follow the code's σ_min shift, so γ = 1 jumps to σ_min, as CM does.
         t_tilde = math.sqrt(1 - cfg.gamma**2) * (t_steps[n + 1] - cfg.sigma_min) + cfg.sigma_min
-        x = G(net, x, t_steps[n], t_tilde, labels, cfg.sigma_data, precond)           # jump t_n → t̃
+        x = G(net, x, t_steps[n], t_tilde, labels, cfg.sigma_data, outer)             # jump t_n → t̃
         if n < nfe - 1:                                                                # no noise after the last jump
             z = torch.randn(x.shape, dtype=x.dtype, generator=generator, device=x.device)
             # renoise t̃ → t_{n+1}: sqrt(t_{n+1}² − t̃²), factored so that it is exactly 0 at γ = 0

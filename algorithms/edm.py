@@ -80,14 +80,16 @@ def denoise(net, x, sigma, labels=None, sigma_data=SIGMA_DATA):
 
 class Denoiser(nn.Module):
     """D(x; σ, labels) around any network. The network sits in the attribute `model`, as in the published EDM
-    checkpoints, so their `model.`-prefixed state_dict keys load without remapping."""
+    checkpoints, so their `model.`-prefixed state_dict keys load without remapping. `fp16`: on CUDA the network
+    runs under fp16 autocast, as the published `use_fp16` flag (ImageNet-64 ADM) asks; elsewhere it does nothing."""
 
-    def __init__(self, model, sigma_data=SIGMA_DATA):
+    def __init__(self, model, sigma_data=SIGMA_DATA, fp16=False):
         super().__init__()
-        self.model, self.sigma_data = model, sigma_data
+        self.model, self.sigma_data, self.fp16 = model, sigma_data, fp16
 
     def forward(self, x, sigma, labels=None):
-        return denoise(self.model, x, sigma, labels, self.sigma_data)
+        with torch.autocast("cuda", torch.float16, enabled=self.fp16 and x.is_cuda):
+            return denoise(self.model, x, sigma, labels, self.sigma_data).to(x.dtype)
 
 
 def loss(cfg, net, x, labels=None, generator=None):

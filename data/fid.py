@@ -110,3 +110,54 @@ def fid(generate, dataset, num_samples=50_000, batch_size=250, features=None):
     mu_gen, sigma_gen = sample_statistics(generate, features, num_samples, batch_size)
     mu_ref, sigma_ref = dataset_statistics(dataset, features, batch_size)
     return frechet_distance(mu_gen, sigma_gen, mu_ref, sigma_ref)
+
+
+def _moments(feature_batches, device):
+    """[count, Σ f, Σ f fᵀ] of feature batches in float64: sums, so that shards add up across ranks."""
+    n, s, S = torch.zeros((), dtype=torch.float64, device=device), 0.0, 0.0
+    for f in feature_batches:
+        f = f.to(device, torch.float64)
+        n, s, S = n + f.shape[0], s + f.sum(0), S + f.T @ f
+    return n, s, S
+
+
+def _all_reduce(moments, world_size):
+    if world_size > 1:
+        import torch.distributed as dist
+        for m in moments:
+            dist.all_reduce(m)
+    return moments
+
+
+def _stats(n, s, S):
+    mu = s / n
+    return mu, (S - n * torch.outer(mu, mu)) / (n - 1)  # as `feature_statistics`
+
+
+def fid_sharded(generate, dataset, num_samples, rank=0, world_size=1, batch_size=250, features=None,
+                cache_dir="runs/fid-refs", device=None):
+    """FID of `num_samples` images `generate(seeds) -> [len(seeds), C, H, W]` in [-1, 1] against all images of
+    `dataset`, with the seeds 0, 1, … sharded over the ranks (rank r takes seeds r, r + W, …): each rank sums its
+    features, the sums are all-reduced, so every rank returns the same value. The reference statistics are
+    computed once per dataset (also sharded) and cached in `cache_dir` under the dataset's source and size."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    features = inception_features(device) if features is None else features
+    seeds = list(range(rank, num_samples, world_size))
+    gen = (features(to_uint8_rgb(generate(seeds[i:i + batch_size]))) for i in range(0, len(seeds), batch_size))
+    mu_gen, sigma_gen = _stats(*_all_reduce(_moments(gen, device), world_size))
+    import hashlib
+    import os
+    key = hashlib.sha1(f"{dataset.source}|{len(dataset)}|{tuple(dataset.images.shape)}".encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"{key}.pt")
+    if os.path.exists(path):
+        ref = torch.load(path, map_location=device, weights_only=True)
+        mu_ref, sigma_ref = ref["mu"], ref["sigma"]
+    else:
+        idx = list(range(rank, len(dataset), world_size))
+        real = (features(to_uint8_rgb(dataset.batch(idx[i:i + batch_size])[0])) for i in range(0, len(idx), batch_size))
+        mu_ref, sigma_ref = _stats(*_all_reduce(_moments(real, device), world_size))
+        if rank == 0:
+            os.makedirs(cache_dir, exist_ok=True)
+            torch.save(dict(mu=mu_ref.cpu(), sigma=sigma_ref.cpu(), source=dataset.source), path + ".tmp")
+            os.replace(path + ".tmp", path)
+    return frechet_distance(mu_gen, sigma_gen, mu_ref, sigma_ref)

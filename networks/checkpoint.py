@@ -313,3 +313,78 @@ def load_teacher_into_student(student: nn.Module, teacher) -> None:
                               f"{unexpected[:5]}, wrong shapes {wrong[:5]} (build the student with the teacher's "
                               f"constructor arguments plus s_embedding=True)")
     student.load_state_dict(state, strict=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints written by train.py, and teachers of either kind
+
+def network_classes():
+    """Every network a checkpoint may name, by class name (imported here, not at module level, to keep the
+    importer of published pickles free of the U-ViT and MLP modules)."""
+    from networks.mlp import MLP
+    from networks.uvit import UViT
+    return {**NETWORK_CLASSES, "UViT": UViT, "MLP": MLP}
+
+
+def build_network(spec, where="network"):
+    """A network from a record {"cls": name, "kwargs": {...}}, with random weights (the caller loads them)."""
+    classes = network_classes()
+    if not isinstance(spec, Mapping) or spec.get("cls") not in classes or not isinstance(spec.get("kwargs"), Mapping):
+        raise CheckpointError(f"{where}: not a network record of this project ({spec!r:.200})")
+    try:
+        return classes[spec["cls"]](**spec["kwargs"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: cannot build {spec['cls']}(**{dict(spec['kwargs'])}): {e}") from None
+
+
+def read_run_checkpoint(path) -> dict:
+    """A checkpoint written by train.py: a file `ckpt-*.pt`, or a run folder (its newest checkpoint), read with
+    torch.load(weights_only=True). It must hold the `model` record (network, algorithm, data) and the weights."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("ckpt-*.pt")) or sorted(path.glob("S*/ckpt-*.pt"))
+        if not found:
+            raise CheckpointError(f"{path}: a folder without checkpoints (ckpt-*.pt)")
+        path = found[-1]
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":
+        raise CheckpointError(f"{path}: not a checkpoint written by torch.save (it starts with {head!r})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, foreign or hostile: all mean "not usable"
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first[:200]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "ema" not in state:
+        found = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not a checkpoint of train.py (expected 'model' and 'ema', found {found})")
+    state["path"] = str(path)
+    return state
+
+
+@dataclasses.dataclass
+class Teacher:
+    """A teacher network with what is known about it: the raw network F (eval mode, frozen), its record for
+    building a student of the same architecture, the data it was trained on (None for a published pickle) and
+    whether its published configuration runs it in fp16."""
+    net: nn.Module
+    spec: dict
+    data: dict | None
+    use_fp16: bool = False
+
+
+def load_teacher(path) -> Teacher:
+    """A teacher from an NVlabs EDM `.pkl` (read without executing it) or from a train.py `--algo edm` run."""
+    if str(path).endswith(".pkl"):
+        published = load_edm_pickle(path)
+        spec = {"cls": type(published.net).__name__, "kwargs": published.net_kwargs}
+        return Teacher(published.net, spec, None, bool(published.precond.get("use_fp16", False)))
+    state = read_run_checkpoint(path)
+    model = state["model"]
+    if model.get("algo") != "edm":
+        raise CheckpointError(f"{path}: a {model.get('algo')} student, not an EDM teacher (train one with --algo edm)")
+    net = build_network(model["network"], str(path))
+    _load_strict(net, state["ema"], state["path"])
+    return Teacher(net.eval().requires_grad_(False), model["network"], model["data"])

@@ -26,31 +26,36 @@ class Exact(torch.nn.Module):
     """The network F that makes f_θ the exact consistency function of Gaussian data N(0, σ_d² I):
     f*(x, t) = sqrt((ε² + σ_d²)/(t² + σ_d²))·x (cd.md §11), solved for F from f = c_skip·x + c_out·F."""
 
-    def __init__(self, cfg, precond=None):
+    def __init__(self, cfg, outer=None):
         super().__init__()
-        self.cfg, self.precond = cfg, precond
+        self.cfg, self.outer = cfg, outer
 
     def forward(self, x_in, noise_labels, class_labels=None, noise_labels_s=None):
         t = (4 * noise_labels.to(torch.float64)).exp()                      # c_noise = ln t / 4
         x = x_in * edm.bcast((t**2 + SD**2).sqrt(), x_in)                   # undo c_in
-        if self.precond is None:
+        if self.outer is None:
             c_skip, c_out = cd.cm_scalings(self.cfg, t)
         else:
-            c_skip, c_out = ap.coefficients(self.precond, t, torch.full_like(t, self.cfg.sigma_min))
+            c_skip, c_out = self.outer(t, torch.full_like(t, self.cfg.sigma_min))
         f_star = edm.bcast(((self.cfg.sigma_min**2 + SD**2) / (t**2 + SD**2)).sqrt(), x) * x
         safe = torch.where(c_out == 0, torch.ones_like(c_out), c_out)      # at t = ε any F will do
         return (f_star - edm.bcast(c_skip, x) * x) / edm.bcast(safe, x)
 
 
-def zero_stats():
+def analytic_outer(ell, kappa):
+    """Analytic-Precond's outer coefficients (t, s) -> (β, α) for statistics ℓ(λ), κ(λ) on a 30-interval λ-grid."""
     lam = ap.lambda_grid(ap.Config(num_intervals=30))
-    return ap.Stats(lam, torch.zeros_like(lam), torch.zeros_like(lam))
+    stats = ap.Stats(lam, ell(lam), kappa(lam))
+    return lambda t, s: ap.coefficients(stats, t, s)
 
 
-def wiggly_stats():
+def zero_outer():
+    return analytic_outer(torch.zeros_like, torch.zeros_like)
+
+
+def wiggly_outer():
     """Arbitrary ℓ ∈ [0, 1] and κ: the boundary condition must not depend on the statistics."""
-    lam = ap.lambda_grid(ap.Config(num_intervals=30))
-    return ap.Stats(lam, lam.sin().square(), 2 * (3 * lam).cos())
+    return analytic_outer(lambda lam: lam.sin().square(), lambda lam: 2 * (3 * lam).cos())
 
 
 @settings(deadline=None, max_examples=50)
@@ -61,7 +66,7 @@ def test_consistency_fn_is_identity_at_sigma_min(seed, scale, analytic):
     net = Constant(scale * torch.randn(5, 3, dtype=torch.float64, generator=g))
     cfg = cd.Config()
     eps = torch.full((5,), cfg.sigma_min, dtype=torch.float64)
-    out = cd.f(cfg, net, x, eps, precond=wiggly_stats() if analytic else None)
+    out = cd.f(cfg, net, x, eps, outer=wiggly_outer() if analytic else None)
     assert torch.equal(out, x)
 
 
@@ -85,10 +90,10 @@ def test_cd_loss_vanishes_for_exact_consistency_function_on_gaussian_data():
     ds = toy.gaussian(std=SD, dim=2)
     x, _ = ds.sample(4096, torch.Generator().manual_seed(0))
     means = []
-    for N, precond in [(18, None), (72, None), (18, zero_stats())]:
+    for N, outer in [(18, None), (72, None), (18, zero_outer())]:
         cfg = cd.Config(N=N)
-        net = Exact(cfg, precond)
-        L = cd.loss(cfg, net, net, ds.denoiser, x, generator=torch.Generator().manual_seed(1), precond=precond)
+        net = Exact(cfg, outer)
+        L = cd.loss(cfg, net, net, ds.denoiser, x, generator=torch.Generator().manual_seed(1), outer=outer)
         means.append(L.mean().item())
     assert 5 < math.log(means[0] / means[1], 4) < 7.5, means
     assert math.isclose(means[2], means[0], rel_tol=1e-9), means  # ℓ ≡ κ ≡ 0: the same f*, another F

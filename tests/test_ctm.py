@@ -27,7 +27,7 @@ def ctm_beta_alpha(t, s):
 
 @functools.lru_cache
 def preconditioning(name):
-    """The `precond` argument: None (CTM's own β, α); Analytic-Precond with ℓ ≡ κ ≡ 0 (CTM again,
+    """The statistics behind the `outer` argument: None (CTM's own β, α); Analytic-Precond with ℓ ≡ κ ≡ 0 (CTM again,
     analytic_precond.md §3.8); with ℓ and κ fitted to the exact ring8 teacher on a small budget (30 λ-intervals,
     256 samples); with that ℓ and κ ≡ 0. The small fit's κ makes α reach ~1e28 for some grid pairs, too
     ill-conditioned for the exact-network tests below, which therefore use PRECONDS (all but the full fit)."""
@@ -43,6 +43,12 @@ def preconditioning(name):
 
 
 PRECONDS = ["ctm", "analytic_zero", "analytic_ring8_ell"]
+
+
+def outer(name):
+    """The `outer` argument of ctm.G: None (CTM's own) or (t, s) -> (β, α) from Analytic-Precond statistics."""
+    stats = preconditioning(name)
+    return None if stats is None else lambda t, s: analytic_precond.coefficients(stats, t, s)
 
 
 def beta_alpha(name):
@@ -103,7 +109,7 @@ def random_mlp(seed):
 def test_ctm_jump_is_identity_when_s_equals_t(name, t, value, scale, seed):
     x = scale * torch.randn(5, 2, dtype=f64, generator=torch.Generator().manual_seed(seed))
     net = lambda x_in, c_t, labels=None, noise_labels_s=None: torch.full_like(x_in, value)  # any output
-    assert torch.equal(ctm.G(net, x, t, t, precond=preconditioning(name)), x)
+    assert torch.equal(ctm.G(net, x, t, t, outer=outer(name)), x)
 
 
 @settings(max_examples=50, deadline=None)
@@ -115,8 +121,8 @@ def test_ctm_jumper_has_combined_coefficients_beta_alpha(t, frac, seed):
     beta, alpha = ctm_beta_alpha(torch.tensor(t, dtype=f64), torch.tensor(s, dtype=f64))
     expected = beta * x + alpha * ctm.F(net, x, t, s)
     torch.testing.assert_close(ctm.G(net, x, t, s), expected, rtol=1e-12, atol=1e-12)
-    zero = preconditioning("analytic_zero")                  # ℓ ≡ κ ≡ 0: Analytic-Precond reduces to CTM
-    torch.testing.assert_close(ctm.G(net, x, t, s, precond=zero), expected, rtol=1e-10, atol=1e-10)
+    zero = outer("analytic_zero")                            # ℓ ≡ κ ≡ 0: Analytic-Precond reduces to CTM
+    torch.testing.assert_close(ctm.G(net, x, t, s, outer=zero), expected, rtol=1e-10, atol=1e-10)
 
 
 def test_analytic_precond_makes_a_zero_network_the_exact_gaussian_jump_where_ctm_gives_ddim():
@@ -130,8 +136,9 @@ def test_analytic_precond_makes_a_zero_network_the_exact_gaussian_jump_where_ctm
     x = torch.randn(16, 2, dtype=f64, generator=torch.Generator().manual_seed(0))
     for t, s in [(80.0, 2.5), (10.0, 0.5), (2.5, 0.002), (0.5, 0.1)]:
         exact = float(gaussian_jump(torch.tensor(t), torch.tensor(s))) * x
-        err = lambda precond: float((ctm.G(zero_net, x, t, s, precond=precond) - exact).abs().max())
-        assert err(stats) < 1e-2 * float(exact.abs().max()) and 10 * err(stats) < err(None)
+        err = lambda outer_: float((ctm.G(zero_net, x, t, s, outer=outer_) - exact).abs().max())
+        analytic = lambda t_, s_: analytic_precond.coefficients(stats, t_, s_)
+        assert err(analytic) < 1e-2 * float(exact.abs().max()) and 10 * err(analytic) < err(None)
 
 
 # ---- (t, u, s) sampler (ctm.md §5) ------------------------------------------------------------------------------
@@ -180,10 +187,10 @@ def test_ctm_loss_is_zero_up_to_solver_error_for_the_exact_jumper(name):
     """With G_θ = G_θ⁻ = the exact Gaussian jump, x_est is the exact ODE solution at σ_min and x_target differs only
     by the teacher's Heun error e at u, carried exactly to σ_min: L = gaussian_jump(u, σ_min)²·mean(e²)."""
     cfg, net = ctm.Config(use_dsm=False), ExactGaussianNet(beta_alpha(name))
-    teacher, precond = toy.gaussian(std=sd).denoiser, preconditioning(name)
+    teacher, outer_ = toy.gaussian(std=sd).denoiser, outer(name)
     for seed in range(10):
         grid, n, k, m, x_t = draw(cfg, 256, seed)
-        L = ctm.ctm_distance(cfg, net, net, teacher, x_t, n, k, m, precond=precond)
+        L = ctm.ctm_distance(cfg, net, net, teacher, x_t, n, k, m, outer=outer_)
         t, u = grid[n][:, None], grid[n + k][:, None]
         e = ctm.teacher_solver(teacher, x_t, grid, n, k) - gaussian_jump(t, u) * x_t   # Heun error at u
         expected = (gaussian_jump(u, SIGMA_MIN) ** 2 * e.square()).mean(1)             # squared_l2: a mean
@@ -195,11 +202,11 @@ def test_ctm_loss_is_zero_up_to_solver_error_for_the_exact_jumper(name):
 def test_ctm_gradient_flows_only_through_the_inner_call(name):
     """Online w, EMA w⁻ and the teacher's scale all require grad. Only w may get a gradient, and it must be the
     gradient through the estimate's inner call G_θ(x_t,t,s) *and* through the frozen outer θ⁻ call's input."""
-    cfg, precond = ctm.Config(use_dsm=False), preconditioning(name)
+    cfg, outer_ = ctm.Config(use_dsm=False), outer(name)
     net, net_ema = ExactGaussianNet(beta_alpha(name), w=0.3), ExactGaussianNet(beta_alpha(name), w=-0.2)
     teacher = ScaledDenoiser()
     grid, n, k, m, x_t = draw(cfg, 128, seed=3)
-    ctm.ctm_distance(cfg, net, net_ema, teacher, x_t, n, k, m, precond=precond).sum().backward()
+    ctm.ctm_distance(cfg, net, net_ema, teacher, x_t, n, k, m, outer=outer_).sum().backward()
     assert net_ema.w.grad is None and teacher.scale.grad is None
     t, u, s = (grid[i][:, None] for i in (n, n + k, m))
     a = lambda t_, s_: beta_alpha(name)(t_, s_ + 0 * t_)[1] / (sd**2 + t_**2).sqrt()   # dG/dw / x_t = α·c_in(t)
