@@ -218,7 +218,7 @@ class TestUnreadableOrForeignTeachersAreRefused:
 
 class TestImagesWithoutADefaultArchitecture:
     def test_refused(self, tmp_path, workdir, files):
-        p = launch("train.py", ["--algo", "cd", "--data", f"npz:{files}/rgb12.npz", "--outdir", tmp_path / "new"],
+        p = launch("train.py", ["--algo", "edm", "--data", f"npz:{files}/rgb12.npz", "--outdir", tmp_path / "new"],
                    workdir)
         assert_refused(p, "--data", "12x12", "--arch")
         assert not (tmp_path / "new").exists()
