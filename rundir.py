@@ -11,6 +11,7 @@ with a message instead of mixing or destroying two runs:
 """
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
@@ -245,3 +246,14 @@ def on_master(fn, world_size):
     if world_size > 1:
         dist.broadcast_object_list(box)
     return box[0]
+
+
+def default_outdir(args, defaults, named):
+    """runs/<algo>-<data>[-<variant>…]: `named` variants (name -> on) spelled out, then a short hash of every other
+    run-altering flag that differs from its default, so that two settings never share a default folder."""
+    others = {k: v for k, v in sorted(args.items()) if k in RUN_FLAGS and v != defaults.get(k) and k not in
+              ("algo", "data", "cond", "precond", "ct", "teacher", "student_steps")}
+    variant = [k for k, on in named.items() if on] + ([hashlib.sha1(repr(others).encode()).hexdigest()[:6]]
+                                                      if others else [])
+    data = os.path.basename(str(args["data"]).split(":")[-1].rstrip("/"))
+    return os.path.join("runs", "-".join([args["algo"], data] + variant))

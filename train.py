@@ -15,7 +15,6 @@ import contextlib
 import copy
 import dataclasses
 import datetime
-import hashlib
 import math
 import os
 import sys
@@ -114,12 +113,9 @@ if batch_local % batch_gpu:
     fail(f"--batch-gpu {batch_gpu} does not divide the per-rank batch {batch_local}")
 accum = batch_local // batch_gpu  # micro-batches per rank and step
 steps = args.student_steps or ([1, 2, 4, 8] if args.algo == "mcm" else [None])
-named = {"cond": args.cond, "analytic": args.precond == "analytic", "ct": args.ct, "teacher-net": args.teacher not in
-         (None, "exact"), f"S{steps[0]}": args.algo == "mcm" and args.student_steps and len(steps) == 1}
-others = {k: v for k, v in sorted(vars(args).items()) if k in rundir.RUN_FLAGS and v != parser.get_default(k) and k not in
-          ("algo", "data", "cond", "precond", "ct", "teacher", "student_steps")}  # every other setting: a short hash
-variant = [k for k, on in named.items() if on] + ([hashlib.sha1(repr(others).encode()).hexdigest()[:6]] if others else [])
-outdir = args.outdir or os.path.join("runs", "-".join([args.algo, os.path.basename(data_name.split(":")[-1])] + variant))
+outdir = args.outdir or rundir.default_outdir({**vars(args), "data": data_name}, vars(parser.parse_args(["--algo", args.algo])), {
+    "cond": args.cond, "analytic": args.precond == "analytic", "ct": args.ct, "teacher-net": args.teacher not in
+    (None, "exact"), f"S{steps[0]}": args.algo == "mcm" and args.student_steps and len(steps) == 1})
 try:
     rundir.check_writable(outdir)
 except rundir.RunError as e:
@@ -219,6 +215,13 @@ run_args = {**vars(args), "data": data_name, "arch": arch, "lr": lr, "ema_halfli
             "dropout": spec["kwargs"].get("dropout"), "student_steps": steps, "outdir": outdir}
 
 
+def claim(folder):
+    """This run's folder, claimed by rank 0 (refused if it holds another run)."""
+    status, message = rundir.on_master(lambda: rundir.claim(folder, run_args, resume=args.resume), world_size)
+    if status == "error":
+        fail(f"--outdir {message}")
+
+
 def autocast():
     """Mixed precision for every network call of a step, teacher and target included: bf16 autocast (CPU or GPU),
     or fp16 autocast with a dynamic GradScaler (CUDA; also runs on CPU)."""
@@ -270,9 +273,7 @@ def run(outdir, cfg):
             stats = rundir.on_master(analytic_statistics, world_size)[1]
             if why := analytic_precond.check_bounded(evaluate.analytic_stats(dict(analytic_stats=stats))):
                 fail(f"--precond analytic: {why}")
-        claimed = rundir.on_master(lambda: rundir.claim(outdir, run_args, resume=args.resume), world_size)
-        if claimed[0] == "error":
-            fail(f"--outdir {claimed[1]}")
+        claim(outdir)
         torch.manual_seed(args.seed * 1009 + rank)  # per-rank seed for anything not driven by explicit generators
     model = dict(algo=args.algo, network=spec, cfg=dataclasses.asdict(cfg), data=data_record, analytic_stats=stats)
     outer = evaluate.outer_coefficients(model, device)
@@ -412,9 +413,7 @@ def finish(outdir, model, ema, outer, step):
 if len(steps) > 1:  # several S: the parent folder is this run's too (its summary, picture and args.json)
     if args.resume and not any(rundir.checkpoints(d) for d, _ in configs()):
         fail(f"--resume: no checkpoint in {outdir}")
-    claimed = rundir.on_master(lambda: rundir.claim(outdir, run_args, resume=args.resume), world_size)
-    if claimed[0] == "error":
-        fail(f"--outdir {claimed[1]}")
+    claim(outdir)
 results = [run(d, cfg) for d, cfg in configs()]
 if master and len(results) > 1:  # MCM over several S: one summary (and for toys a Fig. 1-style picture of the paths)
     rundir.write_json(os.path.join(outdir, "metrics.json"), {f"S={S}": m for r in results for S, m in r["by_nfe"].items()})
