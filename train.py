@@ -373,6 +373,12 @@ def picture(draw, path, *a, **k):
     log(f"wrote {getattr(plots, draw)(path, *a, **k)}")
 
 
+def describe():
+    """The run as a picture title: algorithm and data and, for cd/ctm, the preconditioning."""
+    pre = "Analytic-Precond" if args.precond == "analytic" else {"cd": "CM's", "ctm": "CTM's"}.get(args.algo)
+    return f"{args.algo} on {data_name}" + (f", {pre} preconditioning" if pre else "")
+
+
 @torch.no_grad()
 def snapshot(outdir, cfg, net, precond, step, n=512):
     """A picture of the evaluation EMA's samples at the fewest NFE, written with each checkpoint."""
@@ -384,7 +390,7 @@ def snapshot(outdir, cfg, net, precond, step, n=512):
         torch.arange(len(noise), device=device) % label_dim, label_dim), nfe, precond)
     net.train(was_training)
     picture("samples", os.path.join(outdir, f"samples-{step:07d}.png"), {f"{nfe} NFE": x},
-            f"{args.algo}, iteration {step}, {nfe} NFE", x_train[:n] if is_toy else None)
+            f"{describe()}, iteration {step}", x_train[:n] if is_toy else get_batch(torch.arange(len(noise)), None)[0])
 
 
 @torch.no_grad()
@@ -428,7 +434,7 @@ def evaluate(outdir, cfg, net, precond, step, wall):
     with open(os.path.join(outdir, "metrics.json"), "w") as f:
         json.dump(res, f, indent=2)
     panels = {**{f"{k} NFE": v for k, v in samples.items()}, **({} if x_ref is None else {"teacher": x_ref})}
-    picture("samples", os.path.join(outdir, "samples.png"), panels, f"{args.algo} on {data_name}" +
+    picture("samples", os.path.join(outdir, "samples.png"), panels, describe() +
             (f", S = {cfg.S}" if args.algo == "mcm" else ""), x_data, {f"{k} NFE": v for k, v in paths.items()})
     return res, samples, paths, x_data, x_ref
 
@@ -439,8 +445,9 @@ if master and len(results) > 1:  # MCM over several S: one summary (and for toys
     summary["teacher_sw2_to_data"] = results[0][0]["sw2_teacher_to_data"]
     with open(os.path.join(outdir, "metrics.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    picture("samples", os.path.join(outdir, "samples.png"), {**{f"S = {k}": v for r in results for k, v in r[1].items()},
-            **({} if results[0][4] is None else {"teacher": results[0][4]})}, "MCM: S-step samples", results[0][3])
+    panels = {**{f"S = {k}": v for r in results for k, v in r[1].items()},
+              **({} if results[0][4] is None else {"teacher": results[0][4]})}
+    picture("samples", os.path.join(outdir, "samples.png"), panels, f"{describe()}, NFE = S", results[0][3])
     if is_toy:  # Heek et al. Fig. 1: the S-step paths against the teacher's ODE paths from the same noise
         paths = {f"S = {nfe}": torch.stack(p)[:, :32] for r in results for nfe, p in r[2].items()}  # [S+1, 32, 2]
         picture("mcm_paths", os.path.join(outdir, "trajectories.png"), dataset.denoiser, paths)
