@@ -285,7 +285,7 @@ def run(outdir, cfg):
             except rundir.RunError as e:
                 raise SystemExit(f"stopping: {e}") from None
             evaluate.snapshot(os.path.join(outdir, f"samples-{step:07d}.png"), model, copy.deepcopy(ema), device,
-                              log, x_train[:512] if is_toy else None, outer)
+                              log, x_train[:512] if is_toy else examples(torch.arange(min(num_train, 64)))[0], outer)
 
     log_file = rundir.StatsLog(os.path.join(outdir, "stats.jsonl"), step) if master else None
     skips_in_row, skips_total, t_start, step0 = 0, 0, time.time(), step
@@ -357,7 +357,8 @@ def finish(outdir, model, ema, outer, step):
             log(f"  NFE {nfe:3d}: " + evaluate.summary(m))
         evaluate.picture("samples", os.path.join(outdir, "samples.png"), log, {
             **{f"{k} NFE": v for k, v in out["samples"].items()}, **out["refs"]}, f"{args.algo} on {data_name}" +
-            (f", S = {model['cfg']['S']}" if args.algo == "mcm" else ""), x_train[:2000] if is_toy else examples(
+            (f", S = {model['cfg']['S']}" if args.algo == "mcm" else f", {args.precond or 'paper'} preconditioning"
+             if args.algo in ("cd", "ctm") else ""), x_train[:2000] if is_toy else examples(
             torch.arange(min(num_train, 64)))[0], {f"{k} NFE": v for k, v in out["paths"].items()})
     for nfe, value in (evaluate.fid_by_nfe(model, ema, dataset, args.fid, rank, world_size, device, outer, log)
                        if args.fid else {}).items():
