@@ -519,6 +519,13 @@ class EmpiricalTeacher(torch.nn.Module):
         self.img_resolution, self.img_channels = dataset.resolution, dataset.channels
         self.label_dim = dataset.num_classes
 
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the point set too, in float64 whatever the dtype asked, so no call copies it again.
+        device, pts = fn(torch.empty(0, dtype=torch.float64)).device, self.points
+        pts.means, pts.log_w = pts.means.to(device), pts.log_w.to(device)
+        pts.classes = None if pts.classes is None else pts.classes.to(device)
+        return super()._apply(fn, recurse)
+
     def forward(self, x, sigma, class_labels=None):
         if class_labels is not None and self.label_dim == 0:
             raise ValueError("class_labels given, but this teacher's dataset has no labels")
