@@ -330,3 +330,20 @@ def test_the_network_is_built_without_running_its_initialisation(write_pkl):
     state = torch.random.get_rng_state()
     load_edm_pickle(path)
     assert torch.equal(torch.random.get_rng_state(), state)                 # loading does not
+
+
+def test_tensor_records_with_hooks_or_metadata_are_refused():
+    import collections
+    storage = torch.arange(4.0).untyped_storage()
+    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.float32, _internal=True)
+    rebuild = torch._utils._rebuild_tensor_v2
+    assert torch.equal(load_restricted(pickle.dumps(CallsGlobal(rebuild, typed, 1, (2,), (1,), False,
+                                                                collections.OrderedDict()))), torch.tensor([1.0, 2]))
+    for args in [(typed, 0, (2,), (1,), False, collections.OrderedDict(hook=1)),     # a backward hook
+                 (typed, 0, (2,), (1,), False, collections.OrderedDict(), {"conj": True}),  # tensor metadata
+                 (typed, 0, (2,), (1,), 1, collections.OrderedDict())]:               # requires_grad not a bool
+        with pytest.raises(pickle.UnpicklingError, match="refused tensor record"):
+            load_restricted(pickle.dumps(CallsGlobal(rebuild, *args)))
+    with pytest.raises(pickle.UnpicklingError, match="refused parameter record"):
+        load_restricted(pickle.dumps(CallsGlobal(torch._utils._rebuild_parameter, torch.ones(2), True,
+                                                 collections.OrderedDict(hook=1))))
