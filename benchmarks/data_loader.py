@@ -6,6 +6,7 @@ part of the project) is opened by `--ranks` processes at once, as the ranks of o
     in RAM   open_dataset(spec): every rank decodes the whole set into its own memory
     cached   open_dataset(spec, cache_dir): decoded once (one rank decodes, the others wait) into a uint8 .npy,
              which every rank memory-maps
+    reopened the same again, as a later run (or a resumed one) opens it: the cache entry exists already
 
 Each rank then reads `--steps` steps of its micro-batches through data.loader.batches with `--workers` DataLoader
 workers and x-flips, and reports the time to open, the loader's images per second, and its memory read from
@@ -118,7 +119,8 @@ def main(quick=False, images=None, ranks=2, workers=2, batch_gpu=None, steps=Non
               f"{steps} steps of {batch_gpu} images per rank", flush=True)
         print(f"{'':8} {'rank':>4} {'open s':>7} {'loader img/s':>12} {'Rss MB':>7} {'Pss MB':>7} {'Anon MB':>7} "
               f"{'Pss+workers MB':>14}")
-        for mode, cache in (("in RAM", ""), ("cached", str(Path(tmp) / "cache"))):
+        cache = str(Path(tmp) / "cache")
+        for mode, cache in (("in RAM", ""), ("cached", cache), ("reopened", cache)):
             procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.data_loader", "--rank-of", str(rank),
                                        str(ranks), f"zip:{path}", cache, str(batch_gpu), str(steps), str(workers)],
                                       stdout=subprocess.PIPE, text=True) for rank in range(ranks)]

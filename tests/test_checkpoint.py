@@ -312,7 +312,7 @@ def test_a_storage_record_may_hold_a_storage_and_nothing_else(marker):
         "trailing bytes": (legacy_storage_blob(values, torch.FloatStorage, trailing=b"\0"), "bytes for 4 elements"),
         "not a storage class": (legacy_storage_blob(values, torch.Tensor), r"refused global torch\.Tensor"),
     }
-    for what, (blob, match) in bad.items():
+    for blob, match in bad.values():
         with pytest.raises(pickle.UnpicklingError, match=match):
             load_restricted(storage_call(blob))
     with pytest.raises(pickle.UnpicklingError, match="little-endian"):
