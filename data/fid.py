@@ -18,7 +18,7 @@ first use, so it needs network access once (or `weights_path=` to a local copy):
 on an offline machine, and never needed for training or for the tests. torch-fidelity also needs torchvision,
 which must match the installed torch.
 
-Papers report FID over 50,000 generated samples (shared/papers/README.md), and `fid` defaults to that; the
+Papers report FID over 50,000 generated samples (EDM, CM and CTM alike), and `fid` defaults to that; the
 reference statistics are those of every image of the dataset given, the training set as in EDM's `fid.py`.
 FID on the 8x8 digits runs (the images are upsampled to 299x299) but is not a number to compare with anything.
 The helpers run in one process: under DDP, compute FID on rank 0.
@@ -62,7 +62,7 @@ def feature_statistics(feature_batches):
 
 def to_uint8_rgb(x):
     """Images in [-1, 1] [B, C, H, W] -> uint8 [B, 3, H, W], as EDM saves them; grey images repeated to RGB."""
-    pixels = (x * 127.5 + 128).clip(0, 255).to(torch.uint8)  # edm.md §5 (generate.py): x·127.5 + 128, clipped
+    pixels = (x * 127.5 + 128).clip(0, 255).to(torch.uint8)  # as EDM's generate.py: x·127.5 + 128, clipped
     return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
 
 
@@ -109,4 +109,55 @@ def fid(generate, dataset, num_samples=50_000, batch_size=250, features=None):
     features = inception_features() if features is None else features
     mu_gen, sigma_gen = sample_statistics(generate, features, num_samples, batch_size)
     mu_ref, sigma_ref = dataset_statistics(dataset, features, batch_size)
+    return frechet_distance(mu_gen, sigma_gen, mu_ref, sigma_ref)
+
+
+def _moments(feature_batches, device):
+    """[count, Σ f, Σ f fᵀ] of feature batches in float64: sums, so that shards add up across ranks."""
+    n, s, S = torch.zeros((), dtype=torch.float64, device=device), 0.0, 0.0
+    for f in feature_batches:
+        f = f.to(device, torch.float64)
+        n, s, S = n + f.shape[0], s + f.sum(0), S + f.T @ f
+    return n, s, S
+
+
+def _all_reduce(moments, world_size):
+    if world_size > 1:
+        import torch.distributed as dist
+        for m in moments:
+            dist.all_reduce(m)
+    return moments
+
+
+def _stats(n, s, S):
+    mu = s / n
+    return mu, (S - n * torch.outer(mu, mu)) / (n - 1)  # as `feature_statistics`
+
+
+def fid_sharded(generate, dataset, num_samples, rank=0, world_size=1, batch_size=250, features=None,
+                cache_dir="runs/fid-refs", device=None):
+    """FID of `num_samples` images `generate(seeds) -> [len(seeds), C, H, W]` in [-1, 1] against all images of
+    `dataset`, with the seeds 0, 1, … sharded over the ranks (rank r takes seeds r, r + W, …): each rank sums its
+    features, the sums are all-reduced, so every rank returns the same value. The reference statistics are
+    computed once per dataset (also sharded) and cached in `cache_dir` under the dataset's source and size."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    features = inception_features(device) if features is None else features
+    seeds = list(range(rank, num_samples, world_size))
+    gen = (features(to_uint8_rgb(generate(seeds[i:i + batch_size]))) for i in range(0, len(seeds), batch_size))
+    mu_gen, sigma_gen = _stats(*_all_reduce(_moments(gen, device), world_size))
+    import hashlib
+    import os
+    key = hashlib.sha1(f"{dataset.source}|{len(dataset)}|{tuple(dataset.images.shape)}".encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"{key}.pt")
+    if os.path.exists(path):
+        ref = torch.load(path, map_location=device, weights_only=True)
+        mu_ref, sigma_ref = ref["mu"], ref["sigma"]
+    else:
+        idx = list(range(rank, len(dataset), world_size))
+        real = (features(to_uint8_rgb(dataset.batch(idx[i:i + batch_size])[0])) for i in range(0, len(idx), batch_size))
+        mu_ref, sigma_ref = _stats(*_all_reduce(_moments(real, device), world_size))
+        if rank == 0:
+            os.makedirs(cache_dir, exist_ok=True)
+            torch.save(dict(mu=mu_ref.cpu(), sigma=sigma_ref.cpu(), source=dataset.source), path + ".tmp")
+            os.replace(path + ".tmp", path)
     return frechet_distance(mu_gen, sigma_gen, mu_ref, sigma_ref)

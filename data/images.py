@@ -40,7 +40,7 @@ and x_σ = x_0 + σ·z (EDM's VE convention), and `EmpiricalTeacher` wraps it as
 network on any small `ImageDataset` (in practice the digits).
 
 Sources: EDM = Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models",
-arXiv 2206.00364v2 (and its code NVlabs/edm, as summarised in shared/papers/edm.md). CIFAR-10 = the format
+arXiv 2206.00364v2 (and its code NVlabs/edm). CIFAR-10 = the format
 described on Krizhevsky's CIFAR-10 page ("Dataset layout", python version). Digits = scikit-learn's
 `sklearn.datasets.load_digits` documentation.
 """
@@ -116,7 +116,7 @@ class ImageDataset:
         idx = np.asarray(indices, dtype=np.int64)
         # Fancy indexing copies (also out of a memory map); ascontiguousarray for a transposed HWC view.
         pixels = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
-        x = pixels.to(torch.float32) / (self.pixel_max / 2) - 1  # edm.md §1: data scaled to [-1, 1] (EDM: / 127.5 - 1)
+        x = pixels.to(torch.float32) / (self.pixel_max / 2) - 1  # EDM: data scaled to [-1, 1] (/ 127.5 - 1)
         if flip is not None:
             x = torch.where(torch.as_tensor(flip)[:, None, None, None], x.flip(3), x)
         labels = None if self.labels is None else torch.from_numpy(self.labels[idx])

@@ -4,9 +4,9 @@ An NVlabs EDM checkpoint (`edm-cifar10-32x32-uncond-vp.pkl`, …; T. Karras et a
 NVlabs/edm) is a plain pickle of {'ema': EDMPrecond, 'loss_fn', 'augment_pipe', 'dataset_kwargs'}. Every network
 object in it is stored by NVlabs' `torch_utils.persistence` as a call `_reconstruct_persistent_obj(meta)`, where
 meta = {type, version, module_src, class_name, state} and `module_src` is the *entire source file* of the class;
-the normal unpickler `exec`s it (shared/papers/edm.md §7.3). A pickle can also call any importable function.
+the normal unpickler `exec`s it. A pickle can also call any importable function.
 
-`load_edm_pickle` reads such a file with a restricted unpickler (edm.md §8.1): the persistence call becomes a stub
+`load_edm_pickle` reads such a file with a restricted unpickler: the persistence call becomes a stub
 that keeps `meta` and never looks at `module_src`; a short allowlist of tensor-rebuilding and container globals
 is served; any other global (`os.system`, `builtins.eval`, a class from the file's own code, …) is refused before
 it is called, with an error that names it. Each tensor's storage is a nested blob in torch's legacy `torch.save`
@@ -19,7 +19,7 @@ weights from a `.pt` (benchmarks/pkl_load.py).
 
 `load_state_dict_file` reads a plain `.pt` state dict with `torch.load(weights_only=True)`, also fail-closed.
 `load_teacher_into_student` copies a teacher's weights into a network built with `s_embedding=True`, checking that
-the only keys it lacks are the s-input's (CTM's student initialisation; networks.md §7).
+the only keys it lacks are the s-input's (CTM's student initialisation, as in sony/ctm).
 
 Every problem is raised as `CheckpointError` with the file's path and what is wrong with it.
 """
@@ -433,3 +433,120 @@ def load_teacher_into_student(student: nn.Module, teacher) -> None:
                               f"{unexpected[:5]}, wrong shapes {wrong[:5]} (build the student with the teacher's "
                               f"constructor arguments plus s_embedding=True)")
     student.load_state_dict(state, strict=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints written by train.py, and teachers of either kind
+
+def network_classes():
+    """Every network a checkpoint may name, by class name (imported here, not at module level, to keep the
+    importer of published pickles free of the U-ViT and MLP modules)."""
+    from networks.mlp import MLP
+    from networks.uvit import UViT
+    return {**NETWORK_CLASSES, "UViT": UViT, "MLP": MLP}
+
+
+def build_network(spec, where="network"):
+    """A network from a record {"cls": name, "kwargs": {...}}, with random weights (the caller loads them)."""
+    classes = network_classes()
+    if not isinstance(spec, Mapping) or spec.get("cls") not in classes or not isinstance(spec.get("kwargs"), Mapping):
+        raise CheckpointError(f"{where}: not a network record of this project ({spec!r:.200})")
+    try:
+        return classes[spec["cls"]](**spec["kwargs"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: cannot build {spec['cls']}(**{dict(spec['kwargs'])}): {e}") from None
+
+
+def read_run_checkpoint(path) -> dict:
+    """A checkpoint written by train.py: a file `ckpt-*.pt`, or a run folder (its newest checkpoint), read with
+    torch.load(weights_only=True). It must hold the `model` record (network, algorithm, data) and the weights."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("ckpt-*.pt")) or sorted(path.glob("S*/ckpt-*.pt"))
+        if not found:
+            raise CheckpointError(f"{path}: a folder without checkpoints (ckpt-*.pt)")
+        path = found[-1]
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":
+        raise CheckpointError(f"{path}: not a checkpoint written by torch.save (it starts with {head!r})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, foreign or hostile: all mean "not usable"
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first[:200]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "ema" not in state:
+        found = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not a checkpoint of train.py (expected 'model' and 'ema', found {found})")
+    state["path"] = str(path)
+    return state
+
+
+@dataclasses.dataclass
+class Teacher:
+    """A teacher network with what is known about it: the raw network F (eval mode, frozen), its record for
+    building a student of the same architecture, the data it was trained on (None for a published pickle) and
+    whether its published configuration runs it in fp16."""
+    net: nn.Module
+    spec: dict
+    data: dict | None
+    use_fp16: bool = False
+
+
+def load_teacher(path) -> Teacher:
+    """A teacher from an NVlabs EDM `.pkl` (read without executing it) or from a train.py `--algo edm` run."""
+    if str(path).endswith(".pkl"):
+        published = load_edm_pickle(path)
+        spec = {"cls": type(published.net).__name__, "kwargs": published.net_kwargs}
+        return Teacher(published.net, spec, None, bool(published.precond.get("use_fp16", False)))
+    state = read_run_checkpoint(path)
+    model = state["model"]
+    if model.get("algo") != "edm":
+        raise CheckpointError(f"{path}: a {model.get('algo')} student, not an EDM teacher (train one with --algo edm)")
+    net = build_network(model["network"], str(path))
+    _load_strict(net, state["ema"], state["path"])
+    return Teacher(net.eval().requires_grad_(False), model["network"], model["data"])
+
+
+def teacher_mismatch(teacher: Teacher, data: dict, by_name: bool) -> str | None:
+    """Why `teacher` cannot teach on `data` (a record {name, shape, label_dim}), or None. A teacher of ours must
+    have been trained on data of the same shape (and, `by_name`, the same named data set: toys, digits); a
+    published one must match the data's resolution, channels and classes."""
+    kw, td = teacher.spec["kwargs"], teacher.data
+    if td is not None and (td["shape"] != data["shape"] or by_name and td["name"] != data["name"]):
+        return f"trained on {td['name']!r} {td['shape']}, but --data is {data['name']!r} {data['shape']}"
+    if td is None and [kw.get("in_channels"), kw.get("img_resolution")] != data["shape"][:2]:
+        r, c = kw.get("img_resolution"), kw.get("in_channels")
+        return f"a {r}x{r}x{c} network, but the data is {data['shape'][1]}x{data['shape'][2]}x{data['shape'][0]}"
+    if (kw.get("label_dim") or 0) != data["label_dim"]:
+        return (f"label_dim {kw.get('label_dim') or 0}, but the run has {data['label_dim']} classes "
+                f"({'add' if kw.get('label_dim') else 'drop'} --cond)")
+    return None
+
+
+def architectures():
+    """Every named image architecture: name -> (class name, constructor arguments)."""
+    from networks import edm_unet, uvit
+    return {**{k: ("SongUNet", v) for k, v in edm_unet.SONGUNET_CONFIGS.items()},
+            **{k: ("DhariwalUNet", v) for k, v in edm_unet.DHARIWALUNET_CONFIGS.items()},
+            **{k: ("UViT", v) for k, v in uvit.UVIT_CONFIGS.items()}}
+
+
+def student_spec(teacher: Teacher | None, arch: str | None, data: dict, dropout, s_embedding: bool) -> dict:
+    """The record {cls, kwargs} of a student network: the teacher's architecture, else the 2D MLP for flat data,
+    else the named image architecture fitted to the data's channels and classes; with the student's dropout (None:
+    the architecture's own) and, for CTM, the s-input."""
+    if teacher is not None:
+        cls, kwargs = teacher.spec["cls"], dict(teacher.spec["kwargs"])
+    elif len(data["shape"]) == 1:
+        cls, kwargs = "MLP", dict(dim=data["shape"][0], label_dim=data["label_dim"])
+    else:
+        cls, kwargs = architectures()[arch]
+        c = data["shape"][0]
+        kwargs = {**kwargs, "label_dim": data["label_dim"],
+                  **(dict(img_channels=c) if cls == "UViT" else dict(in_channels=c, out_channels=c))}
+    if dropout is not None and "dropout" in inspect.signature(network_classes()[cls]).parameters:
+        kwargs["dropout"] = dropout
+    return dict(cls=cls, kwargs={**kwargs, "s_embedding": s_embedding})

@@ -26,7 +26,7 @@ CASES = [pytest.param(SongUNet, SONGUNET_CONFIGS["tiny-ddpmpp-cond-32"], id="ddp
 
 @pytest.fixture(autouse=True)
 def seeded():
-    torch.manual_seed(0)                                                    # initialisations do not depend on test order
+    torch.manual_seed(0)  # initialisations do not depend on test order
 
 
 def perturb_(net, seed=0, scale=0.1):
