@@ -8,14 +8,14 @@ part of the project) is opened by `--ranks` processes at once, as the ranks of o
              which every rank memory-maps
     reopened the same again, as a later run (or a resumed one) opens it: the cache entry exists already
 
-Each rank then reads `--steps` steps of its micro-batches through data.loader.batches with `--workers` DataLoader
+Each rank then reads `--steps` steps (by default one epoch) of its micro-batches through data.loader.batches with `--workers` DataLoader
 workers and x-flips, and reports the time to open, the loader's images per second, and its memory read from
 /proc/<pid>/smaps_rollup at the end: Rss, Pss (shared pages divided among the processes that map them), and
 Anonymous (private memory, what grows with the dataset when it is held in RAM) of the rank, and Pss of the rank and
 its workers together. The training rate is one forward and backward pass of the tiny DDPM++ (tiny-ddpmpp-32) at
 the same per-rank batch, in one thread, for comparison.
 
-    python -m benchmarks.data_loader                  # 100,000 images, 2 ranks, 2 workers each: a few minutes
+    python -m benchmarks.data_loader                  # 100,000 images, 2 ranks, 2 workers each: about 5 minutes
     python -m benchmarks.data_loader --quick          # 3,000 images, seconds
 """
 import argparse
@@ -109,7 +109,7 @@ def training_rate(batch_gpu, steps):
 def main(quick=False, images=None, ranks=2, workers=2, batch_gpu=None, steps=None, folder=None):
     images = images or (3000 if quick else 100_000)
     batch_gpu = batch_gpu or (16 if quick else 128)
-    steps = steps or (4 if quick else 40)
+    steps = steps or (4 if quick else images // (ranks * batch_gpu))  # full: one epoch, every image read once
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         path = Path(tmp) / f"pngs-{images}.zip"
         start = time.perf_counter()
@@ -142,7 +142,7 @@ if __name__ == "__main__":
     p.add_argument("--ranks", type=int, default=2, help="processes opening the set at once (default 2)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank (default 2)")
     p.add_argument("--batch-gpu", type=int, help="images per micro-batch (default 128; quick 16)")
-    p.add_argument("--steps", type=int, help="steps read per rank (default 40; quick 4)")
+    p.add_argument("--steps", type=int, help="steps read per rank (default one epoch; quick 4)")
     p.add_argument("--dir", help="where the temporary zip and cache go (default: the system's temporary folder)")
     p.add_argument("--rank-of", nargs=7, help=argparse.SUPPRESS)  # one rank's run, started by main
     args = p.parse_args()

@@ -326,8 +326,7 @@ class _SkipInitialisation(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         target = args[0] if args else next(iter(kwargs.values()), None)  # torch.nn.init passes `tensor=` by name
-        if (func in _INIT_OPS or getattr(func, "__module__", None) == "torch.nn.init") and isinstance(
-                target, nn.Parameter):
+        if type(target) is nn.Parameter and (func in _INIT_OPS or getattr(func, "__module__", "") == "torch.nn.init"):
             return target
         return func(*args, **kwargs)
 
