@@ -52,6 +52,7 @@ import os
 import pickle
 import shutil
 import tarfile
+import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -427,7 +428,7 @@ def _fingerprint(path):
 
 
 def _cached(kind, path, opener, cache_dir):
-    """The dataset at `path`, decoded once into `cache_dir/<name>-<fingerprint>/` and memory-mapped from there.
+    """The dataset at `path`, decoded once into `cache_dir/<kind>-<name>-<fingerprint>/` and memory-mapped from there.
 
     Of several processes that open the same dataset at once (the ranks of a node), the first to take the entry's
     lock decodes it, the others wait on the lock and then map the finished entry; every process holds the same
@@ -454,9 +455,7 @@ def _cached(kind, path, opener, cache_dir):
 
 
 def _build_entry(entry, kind, path, opener):
-    tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix=f"{entry.name}.tmp-", dir=entry.parent))  # unique, also across machines
     try:
         if kind in ("folder", "zip"):  # decoded straight into the file: no copy of the set in this process either
             ds = opener(path, lambda shape, dtype: np.lib.format.open_memmap(tmp / "images.npy", "w+", dtype, shape))
