@@ -28,13 +28,17 @@ def algo_config(model):
     return ALGOS[model["algo"]].Config(**model["cfg"])
 
 
+def analytic_stats(model, device="cpu"):
+    """The run's Analytic-Precond statistics (`analytic_precond.Stats`), or None."""
+    d = model.get("analytic_stats")
+    return None if not d else analytic_precond.Stats(**{k: (v.to(device) if torch.is_tensor(v) else v)
+                                                        for k, v in d.items()})
+
+
 def outer_coefficients(model, device="cpu"):
     """Analytic-Precond's outer coefficients (t, s) -> (β, α) for cd/ctm, or None for the paper's."""
-    if not model.get("analytic_stats"):
-        return None
-    stats = analytic_precond.Stats(**{k: (v.to(device) if torch.is_tensor(v) else v)
-                                      for k, v in model["analytic_stats"].items()})
-    return lambda t, s: analytic_precond.coefficients(stats, t, s)
+    stats = analytic_stats(model, device)
+    return None if stats is None else lambda t, s: analytic_precond.coefficients(stats, t, s)
 
 
 def eval_nfes(model):
@@ -63,7 +67,7 @@ def sample(model, net, noise, labels, nfe, generator=None, path=None, outer=None
     algo, cfg = model["algo"], algo_config(model)
     if algo == "edm":
         D = lambda x, sigma, y: edm.denoise(net, x, sigma, y, cfg.sigma_data)
-        if nfe == 2 * cfg.num_steps - 1:
+        if nfe == 2 * cfg.num_steps - 1 and model.get("sampler", "heun") == "heun":
             return edm.sample(cfg, D, noise, labels)
         return addim.sample(addim.Config(), D, noise, labels, num_steps=nfe)
     if algo == "mcm":
@@ -71,30 +75,62 @@ def sample(model, net, noise, labels, nfe, generator=None, path=None, outer=None
     return ALGOS[algo].sample(cfg, net, noise, labels, nfe, generator, path, outer=outer)
 
 
+DATA_FIELDS = ("sw2_to_data", "sw2_data_floor", "energy_to_data", "energy_data_floor")
+
+
 @torch.no_grad()
-def evaluate(model, net, teacher, x_data, labels, noise, exact=None, generator=None, outer=None):
-    """Samples at each NFE and their metrics, as a dict.
+def evaluate(model, net, teacher, noise, labels, exact=None, assign=None, x_data=None, x_data_fresh=None,
+             generator=None, outer=None, refs=None):
+    """Samples at each NFE and their metrics (`data/metrics.py`), as a dict.
 
     `teacher` is the run's teacher denoiser (None for EDM), `exact` the exact denoiser of the data when there is one
-    (toys, digits). The references are the ODE solutions from the same noise: of the exact denoiser (float64
-    accuracy) and of a network teacher (EDM's 35-NFE Heun). `x_data` are data points (and `labels` their one-hot
-    classes, which the samples share) for distances to data."""
-    dtype = noise.dtype
-    refs = {}
-    if exact is not None:
-        refs["exact_ode"] = toy.ode_solve(exact, noise * edm.SIGMA_MAX, edm.SIGMA_MAX, edm.SIGMA_MIN, labels).to(dtype)
-    if teacher is not None and teacher is not exact:
-        refs["teacher_ode"] = edm.sample(edm.Config(), teacher, noise, labels)
+    (toys, digits). The references are the ODE solutions from the same noise: of the exact denoiser (to float64
+    accuracy) and of a network teacher (RK4 on flat data, EDM's 35-NFE Heun on images). `assign` maps samples to
+    the data's modes; `x_data` and `x_data_fresh` (held-out data, ≥ 16k samples) give distances to data beside
+    their floor. `labels` (one-hot, or None) condition every sample. `refs`, a dict, caches the references for
+    further calls with the same noise (several MCM students)."""
+    refs = {} if refs is None else refs
+    solve = lambda D: toy.ode_solve(D, noise * edm.SIGMA_MAX, edm.SIGMA_MAX, edm.SIGMA_MIN, labels).to(noise.dtype)
+    if exact is not None and "exact_ode" not in refs:
+        refs["exact_ode"] = solve(exact)
+    if teacher is not None and teacher is not exact and "teacher_ode" not in refs:
+        refs["teacher_ode"] = solve(teacher) if noise.ndim == 2 else edm.sample(edm.Config(), teacher, noise, labels)
     out = {"by_nfe": {}, "samples": {}, "paths": {}, "refs": refs}
-    out["ref_sw2_to_data"] = {k: metrics.sliced_wasserstein(v, x_data) for k, v in refs.items()}
+    with_data = x_data is not None and len(noise) >= metrics.MIN_DATA_SAMPLES
     for nfe in eval_nfes(model):
         path = []
         x = sample(model, net, noise, labels, nfe, generator, path, outer)
-        m = {"sw2_to_data": metrics.sliced_wasserstein(x, x_data)}
-        for k, ref in refs.items():
-            m[f"gap_to_{k}"] = metrics.teacher_gap(x, ref)
+        m = {}
+        for i, (k, ref) in enumerate(refs.items()):
+            data = dict(x_data=x_data.flatten(1), x_data_fresh=x_data_fresh.flatten(1)) if with_data and i == 0 else {}
+            r = metrics.report(x.flatten(1), ref.flatten(1), assign, **data)
+            m[f"vs_{k}"] = {f: v for f, v in r.items() if f not in DATA_FIELDS}
+            if data:
+                m["vs_data"] = {f: r[f] for f in DATA_FIELDS}
         out["by_nfe"][nfe], out["samples"][nfe], out["paths"][nfe] = m, x, path
     return out
+
+
+def picture(draw, path, log, *a, **k):
+    """Write a picture with `plots.<draw>`; without the optional matplotlib, say so and go on."""
+    try:
+        import plots
+    except ImportError as e:
+        return log(f"no picture {path} ({e}); install the plot extra: pip install -e '.[plot]'")
+    log(f"wrote {getattr(plots, draw)(path, *a, **k)}")
+
+
+@torch.no_grad()
+def snapshot(path, model, net, device, log, x_data=None, outer=None):
+    """A picture of a network's samples at its fewest NFE, with class-balanced labels (one class per column)."""
+    nfe, shape, label_dim = eval_nfes(model)[0], model["data"]["shape"], model["data"]["label_dim"]
+    noise, _, gens = seeded(range(512 if len(shape) == 1 else 64), shape, 0, device=device)
+    labels = torch.nn.functional.one_hot(torch.arange(len(noise)) % label_dim, label_dim).float().to(device) \
+        if label_dim else None
+    was_training = net.training
+    x = sample(model, net.eval(), noise, labels, nfe, gens, outer=outer)
+    net.train(was_training)
+    picture("samples", path, log, {f"{nfe} NFE": x}, f"{model['algo']}, {os.path.basename(path)[:-4]}", x_data)
 
 
 def main(argv=None):
@@ -113,12 +149,23 @@ def main(argv=None):
     net.load_state_dict(state["ema"])
     ds = toy.DATASETS[model["data"]["name"]]()
     noise, _, _ = seeded(range(a.samples), model["data"]["shape"], 0)
-    x_data, labels = ds.sample(a.samples, torch.Generator().manual_seed(1), torch.float64)
-    labels = labels if model["data"]["label_dim"] else None
-    res = evaluate(model, net.double().eval(), None, x_data, labels, noise.double(), exact=ds.denoiser,
-                   outer=outer_coefficients(model))
+    res = evaluate(model, net.double().eval(), None, noise.double(), None, exact=ds.denoiser,
+                   assign=ds.nearest_component, outer=outer_coefficients(model))
     for nfe, m in res["by_nfe"].items():
-        print(f"NFE {nfe:3d}: " + "  ".join(f"{k} {v:.4g}" for k, v in m.items()))
+        print(f"NFE {nfe:3d}: " + summary(m))
+
+
+def summary(m):
+    """One line of the headline numbers of a `by_nfe` entry."""
+    parts = []
+    for ref, r in m.items():
+        if ref == "vs_data":
+            parts.append(f"SW2 to data {r['sw2_to_data']:.4f} (floor {r['sw2_data_floor']:.4f})")
+        else:
+            other = "" if r["mode_switch_fraction"] is None else f", other mode {r['mode_switch_fraction']:.2%}"
+            parts.append(f"gap to {ref[3:].replace('_', ' ')} {r['gap_mean']:.3e} ± {r['gap_se']:.1e} "
+                         f"(median {r['gap_median']:.1e}{other}, energy p {r['energy_to_ode_p']:.2f})")
+    return ";  ".join(parts)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ with a message instead of mixing or destroying two runs:
 - `save_checkpoint(state, outdir, step)`: atomic, after a free-space check; it rotates only this run's older files.
 - `StatsLog`: `stats.jsonl`, cut back to the resumed step on resume, with non-finite numbers written as `null`.
 """
+import argparse
 import glob
+import hashlib
 import json
 import math
 import os
@@ -166,3 +168,92 @@ class StatsLog:
     def write(self, **record):
         self.file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self.file.flush()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Argument types that refuse bad values when parsed, with a message naming the value
+
+def checked(cast, ok, what):
+    """An argparse type: `cast(text)`, refused unless `ok(value)`, with 'is not {what}'."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+def _step_list(text):
+    steps = [int(s) if s.strip().isdigit() else 0 for s in text.split(",")]
+    return steps if all(S > 0 for S in steps) and len(set(steps)) == len(steps) else None
+
+
+pos_int = checked(int, lambda v: v > 0, "a positive integer")
+nonneg_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+pos_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a finite positive number")
+step_list = checked(_step_list, bool, "a comma list of distinct positive integers")
+rate = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+fraction = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Distributed resume: rank 0 decides, every rank gets the same state and its own random stream
+
+def load_everywhere(path, world_size):
+    """The checkpoint at `path` on every rank: read locally where the file is visible (a shared filesystem), else
+    sent from rank 0, which chose it (nodes without a shared filesystem)."""
+    import torch.distributed as dist
+    have = [os.path.exists(path)] * world_size
+    if world_size > 1:
+        dist.all_gather_object(have, have[0])
+    state = torch.load(path, map_location="cpu", weights_only=True) if all(have) or dist.get_rank() == 0 else None
+    if not all(have):
+        box = [state]
+        dist.broadcast_object_list(box)
+        state = box[0]
+    return state
+
+
+def rng_states(device, world_size):
+    """Every rank's CPU (and CUDA) random state, gathered: checkpoint entry `rng`, indexed by rank."""
+    import torch.distributed as dist
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+    out = [rng] * world_size
+    if world_size > 1:
+        dist.all_gather_object(out, rng)
+    return out
+
+
+def set_rng_state(rng, device):
+    torch.set_rng_state(rng["cpu"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def on_master(fn, world_size):
+    """fn() on rank 0, its result (or the message of a RunError, CheckpointError or ValueError) sent to every rank
+    as ("ok", result) or ("error", message), so that every rank stops alike."""
+    import torch.distributed as dist
+    box = [None]
+    if world_size == 1 or dist.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except ValueError as e:  # RunError and CheckpointError are ValueErrors
+            box = [("error", str(e))]
+    if world_size > 1:
+        dist.broadcast_object_list(box)
+    return box[0]
+
+
+def default_outdir(args, defaults, named):
+    """runs/<algo>-<data>[-<variant>…]: `named` variants (name -> on) spelled out, then a short hash of every other
+    run-altering flag that differs from its default, so that two settings never share a default folder."""
+    others = {k: v for k, v in sorted(args.items()) if k in RUN_FLAGS and v != defaults.get(k) and k not in
+              ("algo", "data", "cond", "precond", "ct", "teacher", "student_steps")}
+    variant = [k for k, on in named.items() if on] + ([hashlib.sha1(repr(others).encode()).hexdigest()[:6]]
+                                                      if others else [])
+    data = os.path.basename(str(args["data"]).split(":")[-1].rstrip("/"))
+    return os.path.join("runs", "-".join([args["algo"], data] + variant))

@@ -25,9 +25,9 @@ import torch.distributed as dist
 
 import evaluate
 import rundir
-from algorithms import analytic_precond, cd, edm
-from data import images, toy
-from networks import checkpoint, edm_unet, uvit
+from algorithms import analytic_precond, edm
+from data import images, loader, toy
+from networks import checkpoint
 
 # Each algorithm's defaults: toy data, iterations on toys (twice as many on images), Adam's lr on toys and images,
 # the target rate μ on toys (the papers' μ is tuned for 100k+ iterations), the s-input of CTM's network, the
@@ -41,33 +41,11 @@ ALGOS = {
     "mcm": dict(data="two_modes", iters=1500, lr=(1e-3, 2e-4), mu=None, s_input=False, dropout=None,
                 flags=("teacher", "init_from_teacher", "student_steps", "ct")),
 }
+DISTANCES = {"squared_l2": edm.squared_l2, "l2": edm.l2, "pseudo_huber": edm.pseudo_huber}  # --distance -> d(a, b)
 IMAGE_FLAGS = ("xflip", "fid", "arch", "workers", "dropout")
-ARCHS = {**{k: (edm_unet.SongUNet, v) for k, v in edm_unet.SONGUNET_CONFIGS.items()},
-         **{k: (edm_unet.DhariwalUNet, v) for k, v in edm_unet.DHARIWALUNET_CONFIGS.items()},
-         **{k: (uvit.UViT, v) for k, v in uvit.UVIT_CONFIGS.items()}}
+ARCHS = checkpoint.architectures()
 
 
-def checked(cast, ok, what):
-    def parse(text):
-        try:
-            value = cast(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-    return parse
-
-
-def step_list(text):
-    steps = [int(s) if s.strip().isdigit() else 0 for s in text.split(",")]
-    return steps if all(S > 0 for S in steps) and len(set(steps)) == len(steps) else None
-
-
-pos_int, nonneg_int = checked(int, lambda v: v > 0, "a positive integer"), checked(int, lambda v: v >= 0, "an integer >= 0")
-pos_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a finite positive number")
-unit = lambda lo_open, hi_open: checked(float, lambda v: (0 < v if lo_open else 0 <= v) and (v < 1 if hi_open else v <= 1),
-                                        f"in {'(' if lo_open else '['}0, 1{')' if hi_open else ']'}")
 parser = argparse.ArgumentParser(description="Train EDM, CD, CTM or MCM (see README.md).")
 arg = parser.add_argument
 arg("--algo", required=True, choices=sorted(ALGOS), help="algorithm to train")
@@ -75,11 +53,11 @@ arg("--data", default=None, help=f"2D toy ({', '.join(toy.DATASETS)}; default ri
     "digits, cifar10:PATH, folder:DIR, zip:FILE, npz:FILE, npy:FILE")
 arg("--arch", default=None, help=f"image network (default tiny-ddpmpp at the data's resolution): {', '.join(ARCHS)}")
 arg("--outdir", default=None, help="output folder (default runs/<algo>-<data>[-<variant>])")
-arg("--iters", type=pos_int, default=None, help="training iterations (default: per algorithm)")
-arg("--batch", type=pos_int, default=256, help="global batch size, split across ranks")
-arg("--batch-gpu", type=pos_int, default=None, help="per-rank micro-batch (gradient accumulation)")
-arg("--lr", type=pos_float, default=None, help="Adam learning rate (default: per algorithm, toys and images)")
-arg("--seed", type=nonneg_int, default=0)
+arg("--iters", type=rundir.pos_int, default=None, help="training iterations (default: per algorithm)")
+arg("--batch", type=rundir.pos_int, default=256, help="global batch size, split across ranks")
+arg("--batch-gpu", type=rundir.pos_int, default=None, help="per-rank micro-batch (gradient accumulation)")
+arg("--lr", type=rundir.pos_float, default=None, help="Adam learning rate (default: per algorithm, toys and images)")
+arg("--seed", type=rundir.nonneg_int, default=0)
 arg("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
 arg("--xflip", action="store_true", help="images: random horizontal flips")
 arg("--cond", action="store_true", help="class-conditional, when the data has labels (as EDM's --cond)")
@@ -87,23 +65,23 @@ arg("--teacher", default=None, help="'exact' (default; toys and digits), an NVla
     "checkpoint) of this script's --algo edm")
 arg("--init-from-teacher", action="store_true", help="initialise the student from the teacher network")
 arg("--precond", default=None, choices=["paper", "analytic"], help="cd/ctm: outer coefficients")
-arg("--distance", default=None, choices=sorted(cd.DISTANCES), help="cd/ctm: the distance d")
-arg("--mu", type=unit(False, True), default=None, help="cd/ctm: target EMA rate μ of θ⁻, in [0, 1)")
-arg("--gamma", type=unit(False, False), default=None, help="ctm: γ of the γ-sampler (0 deterministic, 1 CM's)")
+arg("--distance", default=None, choices=sorted(DISTANCES), help="cd/ctm: the distance d")
+arg("--mu", type=rundir.rate, default=None, help="cd/ctm: target EMA rate μ of θ⁻, in [0, 1)")
+arg("--gamma", type=rundir.fraction, default=None, help="ctm: γ of the γ-sampler (0 deterministic, 1 CM's)")
 arg("--no-dsm", action="store_true", help="ctm: train without the DSM term")
-arg("--student-steps", type=checked(step_list, bool, "a comma list of distinct positive integers"), default=None,
+arg("--student-steps", type=rundir.step_list, default=None,
     help="mcm: S, or a comma list trained one after the other (default 1,2,4,8)")
 arg("--ct", action="store_true", help="mcm: consistency training, no teacher (Heek et al. Alg. 1, the true x)")
-arg("--dropout", type=unit(False, True), default=None, help="images: the student's dropout (default: the paper's)")
-arg("--ema-halflife", type=pos_float, default=None, help="evaluation EMA half-life in samples (default 20k on toys, "
+arg("--dropout", type=rundir.rate, default=None, help="images: the student's dropout (default: the paper's)")
+arg("--ema-halflife", type=rundir.pos_float, default=None, help="evaluation EMA half-life in samples (default 20k on toys, "
     "500k on images as EDM's CIFAR-10)")
-arg("--ema-rampup", type=unit(False, False), default=0.05, help="EMA half-life ramp-up ratio (EDM: 0.05; 0: off)")
-arg("--log-every", type=pos_int, default=100)
-arg("--ckpt-every", type=nonneg_int, default=500, help="checkpoint interval in iterations (0: only at the end)")
-arg("--max-skips", type=pos_int, default=20, help="stop after this many non-finite steps in a row")
-arg("--eval-samples", type=pos_int, default=2000)
-arg("--fid", type=nonneg_int, default=0, help="images: FID over this many samples at the end (needs the fid extra)")
-arg("--workers", type=nonneg_int, default=None, help="images: data loader workers (default 2)")
+arg("--ema-rampup", type=rundir.fraction, default=0.05, help="EMA half-life ramp-up ratio (EDM: 0.05; 0: off)")
+arg("--log-every", type=rundir.pos_int, default=100)
+arg("--ckpt-every", type=rundir.nonneg_int, default=500, help="checkpoint interval in iterations (0: only at the end)")
+arg("--max-skips", type=rundir.pos_int, default=20, help="stop after this many non-finite steps in a row")
+arg("--eval-samples", type=rundir.pos_int, default=None, help="evaluation samples (default 16384 on toys, 256 on images)")
+arg("--fid", type=rundir.nonneg_int, default=0, help="images: FID over this many samples at the end (needs the fid extra)")
+arg("--workers", type=rundir.nonneg_int, default=None, help="images: data loader workers (default 2)")
 arg("--resume", action="store_true", help="continue from the newest checkpoint in --outdir")
 args = parser.parse_args()
 A = ALGOS[args.algo]
@@ -135,10 +113,9 @@ if batch_local % batch_gpu:
     fail(f"--batch-gpu {batch_gpu} does not divide the per-rank batch {batch_local}")
 accum = batch_local // batch_gpu  # micro-batches per rank and step
 steps = args.student_steps or ([1, 2, 4, 8] if args.algo == "mcm" else [None])
-variant = [v for v, on in (("cond", args.cond), ("analytic", args.precond == "analytic"), ("ct", args.ct),
-                           (f"S{steps[0]}", args.algo == "mcm" and args.student_steps and len(steps) == 1),
-                           ("teacher-net", args.teacher not in (None, "exact"))) if on]
-outdir = args.outdir or os.path.join("runs", "-".join([args.algo, os.path.basename(data_name.split(":")[-1])] + variant))
+outdir = args.outdir or rundir.default_outdir({**vars(args), "data": data_name}, vars(parser.parse_args(["--algo", args.algo])), {
+    "cond": args.cond, "analytic": args.precond == "analytic", "ct": args.ct, "teacher-net": args.teacher not in
+    (None, "exact"), f"S{steps[0]}": args.algo == "mcm" and args.student_steps and len(steps) == 1})
 try:
     rundir.check_writable(outdir)
 except rundir.RunError as e:
@@ -177,28 +154,15 @@ data_record = dict(name=data_name, shape=list(data_shape), label_dim=label_dim)
 exact = dataset.denoiser if is_toy else images.EmpiricalTeacher(dataset).to(device) if data_name == "digits" else None
 
 
-def get_batch(indices, g):
-    """Training examples and one-hot labels (or None) at `indices`, on the device."""
-    if is_toy:
-        x, y = x_train[indices], (y_train[indices] if y_train is not None and label_dim else None)
-    else:
-        x, y = dataset.batch(indices.numpy(), args.xflip, g)
-        y = images.one_hot(y, label_dim) if y is not None and label_dim else None
+def get_batch(indices):
+    """Training examples and one-hot labels (or None) at `indices`, on the device (for statistics and pictures)."""
+    x, y = (x_train[indices], y_train[indices] if y_train is not None else None) if is_toy else dataset.batch(indices)
+    return on_device(x, y)
+
+
+def on_device(x, y):
+    y = None if y is None or not label_dim else y if is_toy else images.one_hot(y, label_dim)
     return x.to(device, non_blocking=True), (None if y is None else y.to(device, non_blocking=True))
-
-
-_perm = {}
-
-
-def global_batch_indices(step):
-    """Indices of the global batch at `step`: a function of (seed, step) only, so that resuming needs no loader
-    state and every rank agrees on the batch without communication. One permutation per epoch."""
-    per_epoch = max(num_train // args.batch, 1)
-    epoch, i = divmod(step, per_epoch)
-    if epoch not in _perm:
-        _perm.clear()
-        _perm[epoch] = torch.randperm(num_train, generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
-    return _perm[epoch][i * args.batch:(i + 1) * args.batch]
 
 
 # ---------------------------------------------------------------- the teacher φ (frozen) and the student's network
@@ -210,15 +174,9 @@ if args.teacher not in (None, "exact"):
         teacher_info = checkpoint.load_teacher(args.teacher)
     except checkpoint.CheckpointError as e:
         fail(f"--teacher {args.teacher}: {e}")
-    kw, td = teacher_info.spec["kwargs"], teacher_info.data
-    if td is not None and (td["shape"] != list(data_shape) or (is_toy or data_name == "digits") and td["name"] != data_name):
-        fail(f"--teacher {args.teacher}: trained on {td['name']!r} {td['shape']}, but --data is {data_name!r} {list(data_shape)}")
-    if td is None and (kw.get("img_resolution"), kw.get("in_channels")) != (data_shape[-1], data_shape[0]):
-        fail(f"--teacher {args.teacher}: a {kw.get('img_resolution')}x{kw.get('img_resolution')}x{kw.get('in_channels')} "
-             f"network, but the data is {data_shape[1]}x{data_shape[2]}x{data_shape[0]} (size mismatch)")
-    if (kw.get("label_dim") or 0) != label_dim:
-        fail(f"--teacher {args.teacher}: label_dim {kw.get('label_dim') or 0}, but the run has {label_dim} classes "
-             f"({'add' if kw.get('label_dim') else 'drop'} --cond)")
+    why = checkpoint.teacher_mismatch(teacher_info, data_record, by_name=is_toy or data_name == "digits")
+    if why:
+        fail(f"--teacher {args.teacher}: {why}")
 elif args.init_from_teacher:
     fail("--init-from-teacher needs a teacher network (--teacher FILE), not the exact denoiser")
 elif args.algo != "edm" and not args.ct and exact is None:
@@ -233,28 +191,10 @@ if arch is not None and arch not in ARCHS:
          f"--data {data_name}: no default architecture for {dataset.resolution}x{dataset.resolution} images; choose --arch")
 
 
-def network_spec():
-    """The record of the student's network: the teacher's architecture, else the 2D MLP for toys, else the named
-    image architecture fitted to the data's channels and labels; with the student's dropout and s-input."""
-    if teacher_info is not None:
-        cls, kwargs = teacher_info.spec["cls"], dict(teacher_info.spec["kwargs"])
-    elif is_toy:
-        cls, kwargs = "MLP", dict(dim=dataset.dim, label_dim=label_dim)
-    else:
-        net_cls, kwargs = ARCHS[arch]
-        cls = net_cls.__name__
-        kwargs = {**kwargs, "label_dim": label_dim, **(dict(img_channels=data_shape[0]) if cls == "UViT" else
-                                                      dict(in_channels=data_shape[0], out_channels=data_shape[0]))}
-    dropout = args.dropout if args.dropout is not None else A["dropout"]
-    if dropout is not None and "dropout" in kwargs or args.dropout is not None:
-        kwargs["dropout"] = dropout
-    return dict(cls=cls, kwargs={**kwargs, "s_embedding": A["s_input"]})
-
-
 def configs():
     """The algorithm's Config with the paper's defaults, overridden by the flags given: one per run (per S)."""
     cfg = evaluate.ALGOS[args.algo].Config()
-    over = {k: getattr(args, k) for k in ("distance", "mu", "gamma") if getattr(args, k) is not None}
+    over = {k: getattr(args, k) for k in ("mu", "gamma") if getattr(args, k) is not None}
     if args.no_dsm:
         over["use_dsm"] = False
     if is_toy and args.mu is None and A["mu"] is not None:
@@ -269,21 +209,17 @@ iters = args.iters or A["iters"] * (1 if is_toy else 2)
 lr = args.lr or A["lr"][0 if is_toy else 1]
 ema_halflife = args.ema_halflife or (20_000 if is_toy else 500_000)
 amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+spec = checkpoint.student_spec(teacher_info, arch, data_record, A["dropout"] if args.dropout is None else args.dropout,
+                              A["s_input"])
 run_args = {**vars(args), "data": data_name, "arch": arch, "lr": lr, "ema_halflife": ema_halflife,
-            "dropout": network_spec()["kwargs"].get("dropout"), "student_steps": steps, "outdir": outdir}
+            "dropout": spec["kwargs"].get("dropout"), "student_steps": steps, "outdir": outdir}
 
 
-def on_master(fn):
-    """fn() on rank 0, its result (or its error message) sent to every rank."""
-    box = [None]
-    if master:
-        try:
-            box = [("ok", fn())]
-        except (rundir.RunError, checkpoint.CheckpointError, ValueError) as e:
-            box = [("error", str(e))]
-    if ddp:
-        dist.broadcast_object_list(box)
-    return box[0]
+def claim(folder):
+    """This run's folder, claimed by rank 0 (refused if it holds another run)."""
+    status, message = rundir.on_master(lambda: rundir.claim(folder, run_args, resume=args.resume), world_size)
+    if status == "error":
+        fail(f"--outdir {message}")
 
 
 def autocast():
@@ -292,10 +228,19 @@ def autocast():
     return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
 
+def analytic_statistics():
+    """Analytic-Precond's ℓ and κ of the teacher (once per run, on rank 0), as the record that rebuilds its Stats."""
+    t0, ap_cfg = time.time(), analytic_precond.Config(num_samples=1024 if is_toy else 256)
+    idx = torch.randperm(num_train, generator=torch.Generator().manual_seed(args.seed))[:ap_cfg.num_samples]
+    x0, y0 = get_batch(idx)
+    s = analytic_precond.compute_stats(ap_cfg, teacher, x0, y0, torch.Generator(device).manual_seed(1))
+    log(f"Analytic-Precond statistics: {time.time() - t0:.1f}s")
+    return {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.init}
+
+
 # ---------------------------------------------------------------- one training run
 def run(outdir, cfg):
     torch.manual_seed(args.seed)  # the same initial weights on every rank (and so for net_ema and ema, too)
-    spec = network_spec()
     net = checkpoint.build_network(spec).to(device)
     if args.init_from_teacher:  # every student starts as the teacher (CM, CTM and MCM all do)
         checkpoint.load_teacher_into_student(net, teacher_info.net)
@@ -307,46 +252,29 @@ def run(outdir, cfg):
     ema = copy.deepcopy(net).requires_grad_(False)  # evaluation EMA (EDM-style half-life), never a teacher
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr, foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    resumed = on_master(lambda: rundir.resume_state(outdir, run_args, log)[0]) if args.resume and (
+    resumed = rundir.on_master(lambda: rundir.resume_state(outdir, run_args, log)[0], world_size) if args.resume and (
         len(steps) == 1 or rundir.checkpoints(outdir)) else None
     if resumed is not None and resumed[0] == "error":
         fail(f"--resume: {resumed[1]}")
     step, elapsed, stats = 0, 0.0, None
     if resumed is not None:  # rank 0 chose the checkpoint; a rank that cannot see the file gets it from rank 0
         path = resumed[1]
-        have = [os.path.exists(path)] * world_size
-        if ddp:
-            dist.all_gather_object(have, have[0])
-        state = torch.load(path, map_location="cpu", weights_only=True) if all(have) or master else None
-        if not all(have):
-            box = [state]
-            dist.broadcast_object_list(box)
-            state = box[0]
+        state = rundir.load_everywhere(path, world_size)
         if len(state["rng"]) != world_size:
             fail(f"--resume: {outdir} ran on {len(state['rng'])} processes, not {world_size}")
         for module, key in ((net, "net"), (ema, "ema"), (opt, "opt"), (scaler, "scaler"), (net_ema, "net_ema")):
             if module is not None:
                 module.load_state_dict(state[key])
         step, elapsed, stats = state["step"], state["elapsed"], state["model"]["analytic_stats"]
-        rng = state["rng"][rank]  # every rank continues its own random stream (dropout, label dropout)
-        torch.set_rng_state(rng["cpu"])
-        if device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], device)
+        rundir.set_rng_state(state["rng"][rank], device)  # every rank continues its own stream (dropout)
         log(f"resumed from {path} at iteration {step}")
     else:  # a new run (or, resuming several S, one that had not reached its first checkpoint)
-        claimed = on_master(lambda: rundir.claim(outdir, run_args, resume=args.resume))
-        if claimed[0] == "error":
-            fail(f"--outdir {claimed[1]}")
+        if args.precond == "analytic":  # once per run, on rank 0, sent to every rank; refused if out of bounds
+            stats = rundir.on_master(analytic_statistics, world_size)[1]
+            if why := analytic_precond.check_bounded(evaluate.analytic_stats(dict(analytic_stats=stats))):
+                fail(f"--precond analytic: {why}")
+        claim(outdir)
         torch.manual_seed(args.seed * 1009 + rank)  # per-rank seed for anything not driven by explicit generators
-    if args.precond == "analytic" and stats is None:  # once per run, on rank 0, sent to every rank
-        def compute():
-            t0, ap_cfg = time.time(), analytic_precond.Config(num_samples=1024 if is_toy else 256)
-            idx = torch.randperm(num_train, generator=torch.Generator().manual_seed(args.seed))[:ap_cfg.num_samples]
-            x0, y0 = get_batch(idx, None)
-            s = analytic_precond.compute_stats(ap_cfg, teacher, x0, y0, torch.Generator(device).manual_seed(1))
-            log(f"Analytic-Precond statistics: {time.time() - t0:.1f}s")
-            return {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in dataclasses.asdict(s).items()}
-        stats = on_master(compute)[1]
     model = dict(algo=args.algo, network=spec, cfg=dataclasses.asdict(cfg), data=data_record, analytic_stats=stats)
     outer = evaluate.outer_coefficients(model, device)
     ddp_net = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if ddp else net
@@ -354,7 +282,8 @@ def run(outdir, cfg):
     # registered, skipping the s-input's layers, which every network registers after its output layer.
     last_layer = [p for k, p in net.named_parameters() if p.ndim > 1 and not checkpoint.is_s_key(k)][-1]
     algo = evaluate.ALGOS[args.algo]
-    extra = dict(cd=dict(outer=outer), ctm=dict(outer=outer, last_layer=last_layer)).get(args.algo, {})
+    d = dict(outer=outer, distance=DISTANCES[args.distance or "squared_l2"])
+    extra = dict(cd=d, ctm=dict(**d, last_layer=last_layer)).get(args.algo, {})
 
     def training_loss(x, labels, step, g):
         if args.algo == "edm":
@@ -362,36 +291,37 @@ def run(outdir, cfg):
         if args.algo == "mcm":
             return (algo.loss_ct(cfg, ddp_net, x, labels, step=step, generator=g) if args.ct else
                     algo.loss(cfg, ddp_net, teacher, x, labels, step=step, generator=g))
+        if args.algo == "ctm":  # λ's gradients are taken of the scaled losses: unscaled, they underflow in fp16
+            extra["grad_scale"] = scaler.get_scale() if scaler.is_enabled() else 1.0
         return algo.loss(cfg, ddp_net, net_ema, teacher, x, labels, generator=g, **extra)
 
     def save(step):  # every rank's RNG state is gathered, so each continues its own stream after a resume
-        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
-        rngs = [None] * world_size
-        dist.all_gather_object(rngs, rng) if ddp else rngs.__setitem__(0, rng)
+        rngs = rundir.rng_states(device, world_size)
         if master:
-            state = dict(step=step, net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                         scaler=scaler.state_dict(), rng=rngs, args=run_args, model=model,
-                         elapsed=elapsed + time.time() - t_start)
-            if net_ema is not None:
-                state["net_ema"] = net_ema.state_dict()
+            state = dict(step=step, net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rngs,
+                         scaler=scaler.state_dict(), args=run_args, model=model, elapsed=elapsed + time.time() - t_start,
+                         **({} if net_ema is None else dict(net_ema=net_ema.state_dict())))
             try:
                 rundir.save_checkpoint(state, outdir, step)
             except rundir.RunError as e:
                 raise SystemExit(f"stopping: {e}") from None
-            snapshot(outdir, model, ema, outer, step)
+            evaluate.snapshot(os.path.join(outdir, f"samples-{step:07d}.png"), model, copy.deepcopy(ema), device,
+                              log, x_train[:512] if is_toy else None, outer)
 
     log_file = rundir.StatsLog(os.path.join(outdir, "stats.jsonl"), step) if master else None
     skips_in_row, skips_total, t_start, step0 = 0, 0, time.time(), step
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, count] since the last log line
+    # The examples of a micro-batch, and its noise, depend only on (seed, step, its global position j), so N ranks
+    # and one rank with N-fold accumulation see identical examples and noise, and a resume needs no loader state.
+    train_data = (x_train, y_train) if is_toy else dataset
+    batches = loader.batches(train_data, args.seed, args.batch, batch_gpu, rank, accum, step, iters, args.xflip,
+                             0 if is_toy else 2 if args.workers is None else args.workers, device.type == "cuda")
     while step < iters:
-        idx = global_batch_indices(step)
         opt.zero_grad(set_to_none=True)
         for m in range(accum):
-            # A micro-batch's examples and noise depend only on its global position j, so N ranks and one rank with
-            # N-fold accumulation see identical examples and identical noise.
-            j = rank * accum + m
-            g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 4099 + j)
-            x, labels = get_batch(idx[j * batch_gpu:(j + 1) * batch_gpu], torch.Generator().manual_seed(step * 4099 + j))
+            _, _, x, labels = next(batches)
+            x, labels = on_device(x, labels)
+            g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 4099 + rank * accum + m)
             with ddp_net.no_sync() if ddp and m < accum - 1 else contextlib.nullcontext():
                 with autocast():
                     loss = training_loss(x, labels, step, g).float().mean()
@@ -437,24 +367,7 @@ def run(outdir, cfg):
 
 
 # ---------------------------------------------------------------- evaluation against the teacher and the data
-def picture(draw, path, *a, **k):
-    """Write a picture with `plots.<draw>`; without the optional matplotlib, say so once per picture and go on."""
-    try:
-        import plots
-    except ImportError as e:
-        return log(f"no picture {path} ({e}); install the plot extra: pip install -e '.[plot]'")
-    log(f"wrote {getattr(plots, draw)(path, *a, **k)}")
-
-
-def snapshot(outdir, model, net, outer, step):
-    """A picture of the evaluation EMA's samples at the fewest NFE (class-balanced labels), with each checkpoint."""
-    nfe = evaluate.eval_nfes(model)[0]
-    noise, _, _ = evaluate.seeded(range(512 if is_toy else 64), data_shape, 0, device=device)
-    labels = images.one_hot(torch.arange(len(noise)) % label_dim, label_dim).to(device) if label_dim else None
-    x = evaluate.sample(model, copy.deepcopy(net).eval(), noise, labels, nfe, torch.Generator(device).manual_seed(2),
-                        outer=outer)
-    picture("samples", os.path.join(outdir, f"samples-{step:07d}.png"), {f"{nfe} NFE": x},
-            f"{args.algo}, iteration {step}, {nfe} NFE", x_train[:512] if is_toy else None)
+_refs = {}  # the ODE references from the evaluation noise, shared by the students of one command
 
 
 def finish(outdir, model, ema, outer, step):
@@ -462,23 +375,26 @@ def finish(outdir, model, ema, outer, step):
     FID, sharded over the ranks."""
     res = None
     if master:
-        n = args.eval_samples if is_toy else min(args.eval_samples, 256)
+        n = args.eval_samples or (16384 if is_toy else 256)
         # Toys: float64 on the CPU, so that the gap measures distillation and not rounding. Images: the run's device.
         dev, dtype = (torch.device("cpu"), torch.float64) if is_toy else (device, torch.float32)
         noise, labels, _ = evaluate.seeded(range(10**6, 10**6 + n), data_shape, label_dim, device=dev)
-        pick = torch.randperm(num_train, generator=torch.Generator().manual_seed(args.seed + 1))[:n]
-        x_data, _ = get_batch(pick, None)
-        net = copy.deepcopy(ema).to(dev, dtype).eval()
         moved = lambda D: copy.deepcopy(D).to(dev, dtype) if isinstance(D, torch.nn.Module) else D
-        t, ex = (None if teacher is exact else moved(teacher)), moved(exact)
-        out = evaluate.evaluate(model, net, t, x_data.to(dev, dtype), None if labels is None else labels.to(dtype),
-                                noise.to(dtype), ex, torch.Generator(dev).manual_seed(2), outer)
+        data = {}
+        if is_toy and n >= 16384:  # held-out data (other seeds than the training set) for distances to data
+            g = torch.Generator().manual_seed(args.seed + 10**6)
+            data = dict(x_data=dataset.sample(16384, g)[0], x_data_fresh=dataset.sample(n, g)[0])
+        out = evaluate.evaluate(model, copy.deepcopy(ema).to(dev, dtype).eval(), None if teacher is exact else
+                                moved(teacher), noise.to(dtype), None if labels is None else labels.to(dtype),
+                                moved(exact), dataset.nearest_component if is_toy else None, **data,
+                                generator=torch.Generator(dev).manual_seed(2), outer=outer, refs=_refs)
+        x_data = x_train[:2000] if is_toy else get_batch(torch.arange(min(num_train, 64)))[0]
         res = dict(algo=args.algo, data=data_name, iters=step, precond=args.precond or "paper", ct=args.ct,
-                   ref_sw2_to_data=out["ref_sw2_to_data"], by_nfe=out["by_nfe"])
+                   eval_samples=n, by_nfe=out["by_nfe"])
         for nfe, m in res["by_nfe"].items():
-            log(f"  NFE {nfe:3d}: " + "  ".join(f"{k} {v:.4g}" for k, v in m.items()))
+            log(f"  NFE {nfe:3d}: " + evaluate.summary(m))
         panels = {**{f"{k} NFE": v for k, v in out["samples"].items()}, **out["refs"]}
-        picture("samples", os.path.join(outdir, "samples.png"), panels, f"{args.algo} on {data_name}" +
+        evaluate.picture("samples", os.path.join(outdir, "samples.png"), log, panels, f"{args.algo} on {data_name}" +
                 (f", S = {model['cfg']['S']}" if args.algo == "mcm" else ""), x_data, {f"{k} NFE": v for k, v in out["paths"].items()})
         res["_out"] = out
     if args.fid:
@@ -497,19 +413,16 @@ def finish(outdir, model, ema, outer, step):
 if len(steps) > 1:  # several S: the parent folder is this run's too (its summary, picture and args.json)
     if args.resume and not any(rundir.checkpoints(d) for d, _ in configs()):
         fail(f"--resume: no checkpoint in {outdir}")
-    claimed = on_master(lambda: rundir.claim(outdir, run_args, resume=args.resume))
-    if claimed[0] == "error":
-        fail(f"--outdir {claimed[1]}")
+    claim(outdir)
 results = [run(d, cfg) for d, cfg in configs()]
 if master and len(results) > 1:  # MCM over several S: one summary (and for toys a Fig. 1-style picture of the paths)
-    rundir.write_json(os.path.join(outdir, "metrics.json"), {
-        "ref_sw2_to_data": results[0]["ref_sw2_to_data"], **{f"S={S}": m for r in results for S, m in r["by_nfe"].items()}})
+    rundir.write_json(os.path.join(outdir, "metrics.json"), {f"S={S}": m for r in results for S, m in r["by_nfe"].items()})
     outs = [r["_out"] for r in results]
-    picture("samples", os.path.join(outdir, "samples.png"), {**{f"S = {k}": v for o in outs for k, v in o["samples"].items()},
+    evaluate.picture("samples", os.path.join(outdir, "samples.png"), log, {**{f"S = {k}": v for o in outs for k, v in o["samples"].items()},
             **outs[0]["refs"]}, "MCM: S-step samples", x_train[:2000] if is_toy else None)
     if is_toy:  # Heek et al. Fig. 1: the S-step paths against the teacher's ODE paths from the same noise
         paths = {f"S = {k}": torch.stack(p)[:, :32] for o in outs for k, p in o["paths"].items()}  # [S+1, 32, 2]
-        picture("mcm_paths", os.path.join(outdir, "trajectories.png"), dataset.denoiser, paths)
+        evaluate.picture("mcm_paths", os.path.join(outdir, "trajectories.png"), log, dataset.denoiser, paths)
 if ddp:
     dist.barrier()  # the other ranks wait for rank 0's evaluation: tearing gloo down under it aborts the process
     dist.destroy_process_group()

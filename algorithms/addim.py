@@ -4,7 +4,7 @@ J. Heek, E. Hoogeboom, T. Salimans, "Multistep Consistency Models", arXiv:2403.0
 (Eqs. 4, 5, 10–14) and Alg. 3. Equation numbers refer to v3.
 
 The paper writes the variance-preserving (VP) process z_t = α_t x + σ_t ε. This project writes EDM's variance-
-exploding (VE) x_σ = x + σ ε. They are the same process with σ = σ_t/α_t and x_σ = z_t/α_t (mcm_addim.md §1.3), so
+exploding (VE) x_σ = x + σ ε. They are the same process with σ = σ_t/α_t and x_σ = z_t/α_t (docs/mcm_vp_ve.md), so
 every VE update below is the paper's VP update divided by α_s (ε̂ is the same vector in both forms). With r = σ_s/σ_t
 (VE σ's):
 
@@ -41,7 +41,7 @@ import torch
 from algorithms.edm import SIGMA_MAX, bcast
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     eta: float = 0.75            # App. A.1: xvar_frac = 0.75 (Alg. 3: η ∈ (0, 1))
     num_steps: int = 512         # Table 1: the diffusion teacher is sampled with aDDIM, 512 steps

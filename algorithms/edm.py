@@ -10,7 +10,8 @@ Variance-exploding process with σ(t) = t, s(t) = 1 (Table 1, "EDM" column):
     PF-ODE:  dx/dσ = (x − D(x; σ)) / σ                                                  (Eq. 1 with Eq. 3)
     loss:    E_{σ,y,n} [ λ(σ)·‖D_θ(y + n; σ) − y‖² ],  ln σ ~ N(P_mean, P_std²)          (Eq. 8, Table 1)
 
-Every student reuses these pieces: the σ grid, the preconditioning, the Euler and Heun steps. None copies them.
+Every student reuses these pieces: the σ grid, the preconditioning, the Euler and Heun steps, the target-network
+average and the distances d(a, b) of the consistency losses. None copies them.
 
 | code        | paper            |
 |-------------|------------------|
@@ -31,7 +32,7 @@ from torch import nn
 SIGMA_MIN, SIGMA_MAX, SIGMA_DATA, RHO = 0.002, 80.0, 0.5, 7.0  # Table 1 (and Sec. 5: σ_data = 0.5)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     sigma_data: float = SIGMA_DATA  # Table 1
     P_mean: float = -1.2            # Table 1, "Training": ln σ ~ N(P_mean, P_std²)
@@ -43,18 +44,23 @@ class Config:
 
 
 def bcast(v, x):
-    """Reshape a per-example `[B]` tensor (or a float) to `[B, 1, ..., 1]` so it broadcasts against `x`."""
-    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    """Reshape a per-example `[B]` tensor (or a float) to `[B, 1, ..., 1]` in x's dtype so it broadcasts against `x`.
+    A float is filled in on x's device rather than copied from the host, which would wait for the device."""
+    if isinstance(v, torch.Tensor):
+        v = v.to(x.device, x.dtype)
+    else:
+        v = torch.full((), v, dtype=x.dtype, device=x.device)
     if v.ndim == 0:
         v = v.expand(x.shape[0])
     return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def sigma_grid(N, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO, dtype=torch.float64):
-    """The Karras grid, Eq. 5, descending: index 0 is σ_max, index N−1 is σ_min. Float64 by default."""
+def sigma_grid(N, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO, dtype=torch.float64, device=None):
+    """The Karras grid, Eq. 5, descending: index 0 is σ_max, index N−1 is σ_min. Float64 by default. Built on
+    `device` directly: a host-to-device copy inside a training step would wait for the device."""
     if N < 2:
         raise ValueError(f"sigma_grid needs N >= 2 points, got N={N}")
-    i = torch.arange(N, dtype=torch.float64)
+    i = torch.arange(N, dtype=torch.float64, device=device)
     # Eq. 5: σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ
     s = (sigma_max ** (1 / rho) + i / (N - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     s[0], s[-1] = sigma_max, sigma_min  # exact endpoints: the power above is off by an ulp
@@ -113,18 +119,44 @@ def euler_step(D, x, t_cur, t_next, labels=None):
 
 
 def heun_step(D, x, t_cur, t_next, labels=None):
-    """One Heun step (Alg. 1 l. 4–8): Euler predictor, then the trapezoid correction. 2 NFE, or 1 where
-    t_next = 0: there EDM keeps the Euler result (Alg. 1 l. 6), which avoids dividing by σ = 0."""
+    """One Heun step (Alg. 1 l. 4–8): Euler predictor, then the trapezoid correction. 2 NFE. Needs t_next > 0;
+    the step to σ = 0 is an Euler step (Alg. 1 l. 6), see `sample`."""
     t_cur, t_next = bcast(t_cur, x), bcast(t_next, x)
     d_cur = (x - D(x, t_cur.flatten(), labels)) / t_cur                     # Alg. 1 l. 4
     x_next = x + (t_next - t_cur) * d_cur                                  # Alg. 1 l. 5
-    last = t_next == 0
-    if bool(last.all()):
-        return x_next                                                      # Alg. 1 l. 6: no correction at σ = 0
-    t_safe = torch.where(last, torch.ones_like(t_next), t_next)            # dummy σ where the result is discarded
-    d_prime = (x_next - D(x_next, t_safe.flatten(), labels)) / t_safe      # Alg. 1 l. 7
-    x_heun = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)          # Alg. 1 l. 8
-    return torch.where(last, x_next, x_heun)
+    d_prime = (x_next - D(x_next, t_next.flatten(), labels)) / t_next      # Alg. 1 l. 7
+    return x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)            # Alg. 1 l. 8
+
+
+# ---- distances d(a, b) of the consistency losses (CM Sec. 4; iCT) ---------------------------------------------------
+# Per example [B]. The students take one of these as an argument (`distance=`); none is looked up by name.
+
+def squared_l2(a, b):
+    """CM's "l2" (Song et al., arXiv:2303.01469v2, Sec. 4): the mean over the non-batch dimensions of (a − b)²,
+    a mean, not a sum, as in CM's code."""
+    return (a - b).square().flatten(1).mean(1)
+
+
+def l2(a, b):
+    """The Euclidean distance ‖a − b‖₂ (not squared)."""
+    return (a - b).flatten(1).norm(dim=1)
+
+
+def pseudo_huber(a, b, c=None):
+    """iCT's pseudo-Huber sqrt(‖a − b‖² + c²) − c (Song & Dhariwal, arXiv:2310.14189), by default with iCT's
+    c = 0.00054·sqrt(d), d the dimension of one example: ≈ ‖a − b‖²/(2c) near 0 and ≈ ‖a − b‖ far away, so
+    outliers weigh less than under squared l2."""
+    c = 0.00054 * a[0].numel() ** 0.5 if c is None else c
+    return ((a - b).flatten(1).square().sum(1) + c**2).sqrt() - c
+
+
+def randn_like(x, generator=None):
+    """N(0, I) shaped like x. `generator` is a torch.Generator, or a list of them, one per example (one random stream
+    per seed, as EDM's generate.py draws): then row i depends on its own seed only, not on the batch around it."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(x.shape[1:], dtype=x.dtype, device=g.device, generator=g)
+                            for g in generator]).to(x.device)
+    return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
 
 
 def ema_beta(batch, halflife, seen=None, rampup=None):
@@ -152,11 +184,10 @@ def sample(cfg, D, noise, labels=None, num_steps=None):
     """Deterministic Heun sampler, Alg. 1 with σ(t) = t, s(t) = 1: `num_steps` Karras levels plus σ_N = 0, so
     NFE = 2·num_steps − 1 (35 for the default 18). `noise` is unit-variance; it is scaled by σ_max here."""
     num_steps = num_steps or cfg.num_steps
-    t_steps = sigma_grid(num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
-    t_steps = torch.cat([t_steps, t_steps.new_zeros(1)])                   # Alg. 1 l. 1 (with t_N = 0)
+    t_steps = sigma_grid(num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho, device=noise.device)  # Alg. 1 l. 1
     # The ODE state stays in float64, as in EDM's sampler; the denoiser runs in the dtype of `noise`.
     D64 = lambda x_, sigma, labels_: D(x_.to(noise.dtype), sigma.to(noise.dtype), labels_).to(torch.float64)
     x = noise.to(torch.float64) * t_steps[0]                               # Alg. 1 l. 2: x_0 ~ N(0, σ_max² I)
-    for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):                   # Alg. 1 l. 3
+    for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):                   # Alg. 1 l. 3, while t_{i+1} > 0
         x = heun_step(D64, x, t_cur, t_next, labels)                      # Alg. 1 l. 4–8
-    return x.to(noise.dtype)
+    return euler_step(D64, x, t_steps[-1], 0.0, labels).to(noise.dtype)   # Alg. 1 l. 4–6: t_N = 0, no correction

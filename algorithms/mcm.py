@@ -2,7 +2,7 @@
 
 J. Heek, E. Hoogeboom, T. Salimans, "Multistep Consistency Models", arXiv:2403.06807v3 (19 Nov 2024), Sec. 2–3,
 Alg. 1, Alg. 2, App. A.1. Equation numbers refer to v3. DDIM / invDDIM / aDDIM live in `algorithms/addim.py`.
-Lines of Alg. 1–3 are cited by the quantity they compute (as transcribed in mcm_addim.md), not by line number.
+Lines of Alg. 1–3 are cited by the quantity they compute, not by line number.
 
 Time t ∈ [0, 1] is split into S equal segments; segment `step` is (t_step, t_step + 1/S] with t_step = step/S.
 Within it the student is a consistency model for the segment start: its jump is DDIM_{t→t_step}(x̂_θ(x_t), x_t).
@@ -16,13 +16,16 @@ x̂_θ(x_t) on the x for which DDIM_{t→t_step} lands on that point (Eq. 7):
 
 Sampling (Alg. 2) is S DDIM steps from t = k/S to (k − 1)/S with the student's x̂, one network call each.
 
-Choices (mcm_addim.md §8). Time: VP t with σ(t) = tan(t·atan σ_max) (`addim.sigma_of_t`): the paper's cosine
-schedule, stretched so t = 1 is EDM's σ_max = 80 and t = 0 is σ = 0 exactly, which makes the last segment an exact
-CM boundary (σ_0 = 0, §3.2). The student's x̂_θ is EDM's preconditioned D_θ(x; σ) (`edm.denoise`) around the raw
-`net`, so a student loaded with an EDM teacher's weights starts as that teacher; the paper's v-prediction is the
-same form with σ_data = 1 (§1.3). The target is the online network under stop-gradient (the paper has no EMA).
-ρ is pseudo-Huber on the per-example RMS norm (reading (c)); the weight is the literal SNR + 1 = 1/σ² + 1, with
-sqrt(SNR + 1) (the unsquared v-loss, §8 item 4) behind `sqrt_snr_weight`.
+Choices. The paper's VP quantities map to EDM's VE ones as in docs/mcm_vp_ve.md. Time: VP t with
+σ(t) = tan(t·atan σ_max) (`addim.sigma_of_t`): the paper's cosine schedule, stretched so t = 1 is EDM's σ_max = 80
+and t = 0 is σ = 0 exactly, which makes the last segment an exact CM boundary (σ_0 = 0, the classic CM loss of
+Eqs. 2–3). The student's x̂_θ is EDM's preconditioned D_θ(x; σ) (`edm.denoise`) around the raw `net`, so a student
+loaded with an EDM teacher's weights starts as that teacher; the paper's v-prediction is the same form with
+σ_data = 1 (docs/mcm_vp_ve.md). The target is the online network under stop-gradient (Alg. 1's nograd f(z_s, s);
+the paper has no EMA). ρ is pseudo-Huber on the per-example RMS norm, sqrt(‖δ‖²/d + ε²) − ε: the paper gives no
+formula, and only this reading makes both of its statements true (ε = 1e-4 is nearly the ℓ2 distance, ε = 1 nearly
+a scaled ℓ2² on [−1, 1] data). The weight is Alg. 1's literal SNR + 1 = 1/σ² + 1; the unsquared v-loss would be
+sqrt(SNR + 1) (docs/mcm_vp_ve.md), behind `sqrt_snr_weight`.
 
 | code          | paper                                     |
 |---------------|-------------------------------------------|
@@ -44,7 +47,7 @@ from algorithms import addim, edm
 from algorithms.edm import bcast
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     S: int = 8                      # student_steps; Table 1 headline (S ∈ {1, 2, 4, 8, 16})
     N_start: int = 64               # App. A.1: teacher steps annealed 64 → 1280
@@ -53,7 +56,7 @@ class Config:
     eta: float = 0.75               # App. A.1: xvar_frac
     huber_eps: float = 1e-4         # App. A.1: huber epsilon (ImageNet)
     addim_teacher: bool = True      # Alg. 1: aDDIM teacher step; False = DDIM (Table 4 ablation)
-    sqrt_snr_weight: bool = False   # §8 item 4 reading: w = sqrt(SNR + 1) instead of Alg. 1's SNR + 1
+    sqrt_snr_weight: bool = False   # w = sqrt(SNR + 1), the unsquared v-loss, instead of Alg. 1's SNR + 1
     sigma_data: float = edm.SIGMA_DATA  # EDM preconditioning of the student (module docstring)
     sigma_max: float = edm.SIGMA_MAX    # σ at t = 1
 
@@ -68,7 +71,7 @@ def sample_times(cfg, B, i=0, generator=None, device=None):
     """Alg. 1: per example a segment and a teacher step inside it. Returns t_step, t, s as float64 [B] VP
     times with t ∈ (t_step, t_step + 1/S] and s = t − 1/T ∈ [t_step, t): t never equals a segment start."""
     N_seg = max(1, round(teacher_steps(cfg, i) / cfg.S))                       # Alg. 1: steps per segment
-    T = N_seg * cfg.S                                                          # teacher steps on [0, 1] (§8 item 2)
+    T = N_seg * cfg.S                                                          # Alg. 1's T (undefined there): S·N/S
     step = torch.randint(0, cfg.S, (B,), generator=generator, device=device)   # Alg. 1: step ~ U{0..S−1}
     n_rel = torch.randint(1, N_seg + 1, (B,), generator=generator, device=device)  # Alg. 1: n_rel ~ U{1..N/S}
     # Integer numerators over T, so t_step, t and s are exact grid points (t − t_step ≥ 1/T exactly).
@@ -90,7 +93,7 @@ def consistency_loss(cfg, net, x_t, x_s, t_step, t, s, labels=None):
     """Alg. 1 for given times and given teacher point x_s: the per-example MCM loss [B]."""
     sigma_step, sigma_t = addim.sigma_of_t(t_step, cfg.sigma_max), addim.sigma_of_t(t, cfg.sigma_max)
     sigma_s = addim.sigma_of_t(s, cfg.sigma_max)
-    with torch.no_grad():  # stop-gradient target: the same online weights, no EMA (Alg. 1, §8 item 6)
+    with torch.no_grad():  # stop-gradient target: the same online weights, no EMA (Alg. 1: nograd f(z_s, s))
         x_hat_ref = denoise(cfg, net, x_s, sigma_s, labels)                    # Alg. 1: nograd f(z_s, s)
         # Where s = t_step, DDIM_{s→t_step} is the identity, so the target does not depend on the student (Eq. 8,
         # the boundary anchor); written as a `where` because σ_s = σ_step = 0 would give 0/0 in the last segment.
@@ -99,9 +102,9 @@ def consistency_loss(cfg, net, x_t, x_s, t_step, t, s, labels=None):
         x_target = addim.inverse_ddim(x_ref, x_t, sigma_t, sigma_step)         # Alg. 1, Eq. 7
     x_hat = denoise(cfg, net, x_t, sigma_t, labels)                            # Alg. 1: the only gradient path
     d = x_t[0].numel()
-    rho = ((x_hat - x_target).flatten(1).square().sum(1) / d + cfg.huber_eps**2).sqrt() - cfg.huber_eps  # §3.3 (c)
+    rho = ((x_hat - x_target).flatten(1).square().sum(1) / d + cfg.huber_eps**2).sqrt() - cfg.huber_eps  # Alg. 1: ρ
     w = 1 / sigma_t**2 + 1                                                     # Alg. 1: SNR(t) + 1, SNR = 1/σ²
-    w = w.sqrt() if cfg.sqrt_snr_weight else w                                 # §8 item 4 (unsquared v-loss)
+    w = w.sqrt() if cfg.sqrt_snr_weight else w                                 # unsquared v-loss (docs/mcm_vp_ve.md)
     return w.to(rho.dtype) * rho
 
 
@@ -114,14 +117,15 @@ def loss(cfg, net, teacher, x, labels=None, step=0, generator=None):
     x_t = x + bcast(sigma_t, x) * eps                                          # Alg. 1: z_t = α_t x + σ_t ε
     with torch.no_grad():
         x_teacher = teacher(x_t, sigma_t.to(x.dtype), labels)                 # Alg. 1 (CD)
-        x_var = addim.x_var_empirical(x, x_teacher, cfg.eta) if cfg.addim_teacher else 0.0  # Alg. 1 x_var, η: §8 item 3
+        # Alg. 1's x_var, with the η of App. A.1 and Alg. 3 (Alg. 1 itself writes no η); DDIM if not addim_teacher
+        x_var = addim.x_var_empirical(x, x_teacher, cfg.eta) if cfg.addim_teacher else 0.0
         x_s = addim.addim(x_teacher, x_t, sigma_t, sigma_s, x_var)            # Alg. 1: aDDIM_{t→s}
     return consistency_loss(cfg, net, x_t, x_s, t_step, t, s, labels)
 
 
 def loss_ct(cfg, net, x, labels=None, step=0, generator=None):
     """Multistep consistency training, Alg. 1 (CT): no teacher, x_teacher = x, so x_var = 0 and the teacher step is
-    DDIM with the true x, x_s = x + σ_s ε (§5 item 13). Meant to fine-tune a diffusion model (§3.2)."""
+    DDIM with the true x, x_s = x + σ_s ε. Meant to fine-tune a diffusion model, as in the paper."""
     t_step, t, s = sample_times(cfg, x.shape[0], step, generator, x.device)
     sigma_t, sigma_s = addim.sigma_of_t(t, cfg.sigma_max), addim.sigma_of_t(s, cfg.sigma_max)
     eps = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
@@ -131,11 +135,9 @@ def loss_ct(cfg, net, x, labels=None, step=0, generator=None):
 
 
 @torch.no_grad()
-def sample(cfg, net, noise, labels=None, nfe=None, generator=None, path=None, precond=None):
+def sample(cfg, net, noise, labels=None, nfe=None, path=None):
     """Alg. 2: S deterministic DDIM steps t = k/S → (k − 1)/S with the student's x̂, NFE = S (`nfe` defaults to and
-    must equal cfg.S). `generator` is unused (no noise is injected); `path`, if a list, receives every state."""
-    if precond is not None:
-        raise ValueError("MCM has no Analytic-Precond variant: its jump is DDIM (pass precond=None)")
+    must equal cfg.S). No noise is injected. `path`, if a list, receives every state."""
     nfe = cfg.S if nfe is None else nfe
     if nfe != cfg.S:
         raise ValueError(f"an MCM student with S={cfg.S} samples in exactly S steps, got nfe={nfe}")

@@ -1,30 +1,25 @@
-"""Claim 1 of issue 8: Analytic-Precond speeds up CTM's multi-step training.
+"""Claim 1: Analytic-Precond speeds up CTM's multi-step training (and leaves CD as it is).
 
 K. Zheng, G. He, J. Chen, F. Bao, J. Zhu, "Elucidating the Preconditioning in Consistency Distillation",
-ICLR 2025, arXiv:2502.02922v3 (../shared/papers/analytic_precond.md §5.3). The paper's statements tested here:
+ICLR 2025, arXiv:2502.02922v3. The paper's statements tested here:
 
     (a) CTM + Analytic-Precond reaches a given 2-step quality in 2–3× fewer training iterations (abstract, Fig. 3);
-    (b) for 1-step generation the training curves of CTM and CTM + Analytic-Precond "pretty much overlap" (Fig. 2).
+    (b) for 1-step generation the curves of CTM and CTM + Analytic-Precond "pretty much overlap" (Fig. 2);
+    (c) CM with Analytic-Precond performs as vanilla CM does.
 
-The paper measures FID against iterations on images; here the teacher is exact, so quality is the teacher gap
-E‖x_gen − x_ODE‖²/d against the exact PF-ODE solution from the same noise (data.metrics.teacher_gap), with CTM's
-deterministic γ = 0 sampler (ctm.md §9.1). Both variants train from the same exact teacher, initial weights, data
-stream, noise and budget; they differ only in the outer coefficients β(t,s), α(t,s) of the jumper.
-
-As in CTM and in the paper (analytic_precond.md §4.2 [C]), every student starts as a denoiser: an MLP trained
-once with EDM's loss on the same data (its s-path starts at zero, networks/mlp.py), so that a jumper starts near
-the first-order step its preconditioning encodes — the mechanism the paper gives for the speed-up (§3.1, item 3).
-Only the distillation target is the exact teacher.
-
-The data is a finite point set (spiral): there Analytic-Precond's reconstructed coefficients are well behaved (α(80, ε)
-≈ 0.49 against CTM's 0.5, as the paper says of single jumps). A short side-run on ring8 documents the failure mode
-the algorithm engineers found: its Gaussian modes make N_φ = D_φ − ℓx vanish like σ² at low noise, κ ≈ −2, and the
-coefficients blow up (α(80, ε) in the hundreds).
+Set-up as in the papers: the teacher is an EDM network (an MLP trained with EDM's loss on the toy), every student
+starts as that network (CTM's s-path at zero), the statistics are the network teacher's, and quality is measured
+against the teacher network's own PF-ODE from the same noise (how well it distils) and against the exact PF-ODE
+of the data (how good the result is). Per sample the gap is ‖x − x_ref‖²/d; per run its mean with standard error
+and its median; over seeds, the mean ± standard error of the runs' means. Both arms share teacher, initial
+weights, data stream, noise and budget; they differ only in the outer coefficients β(t,s), α(t,s)
+(`algorithms.analytic_precond.coefficients`, the default reading; docs/analytic_precond.md §5).
 
     python -m benchmarks.ctm_analytic_precond            # full mode (see FULL for the budget)
     python -m benchmarks.ctm_analytic_precond --quick    # smoke test, seconds
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -33,85 +28,81 @@ import time
 import matplotlib
 import torch
 
-from algorithms import analytic_precond, ctm, edm
+from algorithms import analytic_precond, cd, ctm, edm
 from benchmarks import common
-from data import metrics, toy
+from data import toy
 from networks.checkpoint import load_teacher_into_student
 from networks.mlp import MLP
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
-# Toy CTM settings from the algorithm engineers (train.py's toy defaults: lr 2e-3, μ 0.99, N 18, K_max 17, DSM on).
-# Batch 128 rather than 256 to fit three seeds of both variants into the 15-minute budget on two CPU cores.
-FULL = dict(data="spiral", seeds=(0, 1, 2), iters=2000, init_iters=2000, batch=128, lr=2e-3, eval_every=100, n_eval=2000,
-            stat_intervals=120, stat_samples=4096, side_data="ring8", side_iters=300)
-QUICK = dict(data="spiral", seeds=(0,), iters=40, init_iters=10, batch=64, lr=2e-3, eval_every=20, n_eval=256,
-             stat_intervals=16, stat_samples=256, side_data="ring8", side_iters=10)
+FULL = dict(datasets=("ring8", "spiral"), seeds=(0, 1, 2), teacher_iters=3000, ctm_iters=1200, cd_iters=1000,
+            batch=128, eval_every=100, done_at=400, n_eval=4096, stat_intervals=120, stat_samples=4096)
+QUICK = dict(datasets=("ring8",), seeds=(0,), teacher_iters=20, ctm_iters=20, cd_iters=20, batch=32, eval_every=10,
+             done_at=10, n_eval=128, stat_intervals=8, stat_samples=64)
 NFES = (1, 2, 4)
-VARIANTS = ("vanilla", "analytic")   # CTM's own (β, α), and Analytic-Precond's
+ARMS = ("vanilla", "analytic")
+ALGOS = {"ctm": dict(lr=2e-3, mu=0.99), "cd": dict(lr=1e-3, mu=0.95)}  # train.py's toy defaults
 
 
-def stats_for(ds, s, seed=1):
-    """Analytic-Precond statistics ℓ_t, κ_t of the exact teacher, once per dataset (analytic_precond.md §3.6)."""
-    x0, _ = ds.sample(s["stat_samples"], torch.Generator().manual_seed(seed), torch.float64)
-    cfg = analytic_precond.Config(num_intervals=s["stat_intervals"], num_samples=s["stat_samples"])
-    t0 = time.time()
-    stats = analytic_precond.compute_stats(cfg, ds.denoiser, x0, generator=torch.Generator().manual_seed(seed))
-    return stats, time.time() - t0
+def mean_se(v):
+    v = [x for x in v if x is not None and math.isfinite(x)]
+    if not v:
+        return float("nan"), float("nan")
+    m = sum(v) / len(v)
+    return m, (sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1) / len(v)) ** 0.5
 
 
-def coefficient_table(stats, cfg):
-    """β(t, s), α(t, s) of CTM (§1) and of Analytic-Precond at s = ε and at the 2-step sampler's jumps."""
-    t_mid = float(edm.sigma_grid(3, cfg.sigma_min, cfg.sigma_max, cfg.rho)[1])        # ≈ 2.52, ctm.md §9.1
-    t = torch.tensor([cfg.sigma_max, t_mid, cfg.sigma_max], dtype=torch.float64)
-    s = torch.tensor([cfg.sigma_min, cfg.sigma_min, t_mid], dtype=torch.float64)
-    sd = cfg.sigma_data
-    beta_ctm, alpha_ctm = (sd**2 + s * t) / (sd**2 + t**2), sd * (t - s) / (sd**2 + t**2).sqrt()   # ctm.md §1
-    beta_ap, alpha_ap = analytic_precond.coefficients(stats, t, s)
-    return [dict(t=float(t[i]), s=float(s[i]), beta_ctm=float(beta_ctm[i]), alpha_ctm=float(alpha_ctm[i]),
-                 beta_ap=float(beta_ap[i]), alpha_ap=float(alpha_ap[i])) for i in range(len(t))]
+def paired_gap(x, x_ref):
+    """Per-sample ‖x − x_ref‖²/d from the same noise: mean, its standard error, and median."""
+    d = (x.double() - x_ref.double()).square().mean(1)
+    return dict(mean=d.mean().item(), se=(d.std() / len(d) ** 0.5).item(), median=d.median().item())
 
 
-def pretrain_denoiser(ds, s, noise, x_ref):
-    """The students' starting point: an EDM denoiser MLP on the data (EDM Eq. 8, train.py's toy lr and batch), and
-    how close its own 35-NFE Heun sampler comes to the exact teacher."""
-    def loss_fn(net, net_ema, x, step, g):
-        return edm.loss(edm.Config(), net, x, generator=g)
-    net, log = common.train(loss_fn, ds, s["init_iters"], seed=100, batch=256, lr=1e-3)
-    x = edm.sample(edm.Config(), lambda x_, sigma, y: edm.denoise(net, x_, sigma, y), noise)
-    return net, dict(iters=s["init_iters"], heun35_teacher_gap=metrics.teacher_gap(x, x_ref),
-                     s_per_iter=log["s_per_iter"])
+def train_teacher(ds, s):
+    """The EDM teacher network on the toy (EDM Eq. 8, Table 1), its evaluation EMA as a float32 denoiser."""
+    loss_fn = lambda net, net_ema, x, step, g: edm.loss(edm.Config(), net, x, generator=g)
+    net, log = common.train(loss_fn, ds, s["teacher_iters"], seed=100, batch=256, lr=1e-3)
+    return net.float(), log["s_per_iter"] * s["teacher_iters"]
 
 
-def run_ctm(ds, cfg, precond, seed, s, iters, noise, x_ref, init=None):
-    """One CTM training run; the teacher gap at every NFE of NFES, every eval_every iterations."""
-    def loss_fn(net, net_ema, x, step, g):
-        return ctm.loss(cfg, net, net_ema, ds.denoiser, x, generator=g, precond=precond,
-                        last_layer=net.out[-1].weight)  # θ_L of §6: the MLP's output layer
+def run(algo, arm, ds, teacher_net, stats, seed, s, noise, refs):
+    """One distillation run from the teacher's weights; paired gaps at every NFE against both references."""
+    teacher = edm.Denoiser(teacher_net).requires_grad_(False)
+    precond = stats if arm == "analytic" else None
+    if algo == "ctm":
+        cfg = ctm.Config(mu=ALGOS[algo]["mu"])
+
+        def loss_fn(net, net_ema, x, step, g):
+            return ctm.loss(cfg, net, net_ema, teacher, x, generator=g, precond=precond, last_layer=net.out[-1].weight)
+
+        sample = lambda net, nfe: ctm.sample(cfg, net, noise, nfe=nfe, precond=precond)
+    else:
+        cfg = cd.Config(mu=ALGOS[algo]["mu"])
+        loss_fn = lambda net, net_ema, x, step, g: cd.loss(cfg, net, net_ema, teacher, x, generator=g, precond=precond)
+        sample = lambda net, nfe: cd.sample(cfg, net, noise, nfe=nfe, generator=torch.Generator().manual_seed(7),
+                                            precond=precond)
 
     def evaluate(net):
-        return {nfe: metrics.teacher_gap(ctm.sample(cfg, net, noise, nfe=nfe, precond=precond), x_ref)
-                for nfe in NFES}
+        return {nfe: {ref: paired_gap(sample(net, nfe), x_ref) for ref, x_ref in refs.items()} for nfe in NFES}
 
-    # Evaluation-EMA half-life of 20 iterations: short against the run, so the curves lag the weights by little
-    # (train.py's 20k samples would be ~150 iterations here; the papers' 0.999 EMA is ~1% of their runs).
-    # Iteration 0: the denoiser-initialised jumper itself, where the two preconditionings differ most (§3.1).
-    log0 = None
-    if init is not None:
-        net0 = MLP(dim=ds.dim, s_embedding=True)
-        load_teacher_into_student(net0, init)
-        log0 = (0, evaluate(net0.to(torch.float64).eval()))
-    _, log = common.train(loss_fn, ds, iters, seed=seed, batch=s["batch"], lr=s["lr"], target_mu=cfg.mu,
-                          ema_halflife=20 * s["batch"], s_embedding=True, evaluate=evaluate,
-                          eval_every=s["eval_every"], init=init)
-    log["evals"] = ([log0] if log0 else []) + log["evals"]
-    return log
+    net0 = MLP(dim=ds.dim, s_embedding=algo == "ctm")
+    if algo == "ctm":
+        load_teacher_into_student(net0, teacher_net)                 # the s-path starts at zero
+    else:
+        net0.load_state_dict(teacher_net.state_dict())
+    evals0 = (0, evaluate(net0.double().eval()))                      # the teacher-initialised student itself
+    # Evaluation-EMA half-life of 20 iterations: short against the run, so the curves lag the weights by little.
+    ema, log = common.train(loss_fn, ds, s[f"{algo}_iters"], seed=seed, batch=s["batch"], lr=ALGOS[algo]["lr"],
+                          target_mu=cfg.mu, ema_halflife=20 * s["batch"], s_embedding=algo == "ctm",
+                          evaluate=evaluate, eval_every=s["eval_every"], init=teacher_net)
+    final = {nfe: sample(ema, nfe).float() for nfe in NFES}          # kept for re-measurement, not in the JSON
+    return dict(evals=[evals0] + log["evals"], s_per_iter=log["s_per_iter"], final_loss=log["loss"][-1][1]), final
 
 
 def iters_to_reach(its, gaps, target):
-    """The first iteration at which a gap curve reaches `target`, interpolated linearly in log(gap) between the
-    checkpoints around the crossing; None if it never does."""
+    """First iteration at which a gap curve reaches `target` (linear in log gap between checkpoints); None if never."""
     for i, gap in enumerate(gaps):
         if gap <= target:
             if i == 0:
@@ -121,146 +112,122 @@ def iters_to_reach(its, gaps, target):
     return None
 
 
-def mean_std(v):
-    v = [x for x in v if x is not None and math.isfinite(x)]
-    if not v:
-        return float("nan"), float("nan")
-    m = sum(v) / len(v)
-    return m, (sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5
+def summarise(runs, s, algo):
+    """Final gaps over seeds; the 2-step iterations-to-target ratio; the gap ratio at `done_at` iterations."""
+    out = {}
+    its = [it for it, _ in runs["vanilla"][0]["evals"]]
+    curve = lambda r, nfe, ref="teacher", k="mean": [e[nfe][ref][k] for _, e in r["evals"]]
+    for arm in ARMS:
+        out[arm] = {f"{ref}_{k}_nfe{nfe}": mean_se([curve(r, nfe, ref, k)[-1] for r in runs[arm]])
+                    for nfe in NFES for ref in ("teacher", "exact") for k in ("mean", "median")}
+        out[arm]["s_per_iter"] = mean_se([r["s_per_iter"] for r in runs[arm]])
+    ratios, at_done = [], []
+    i_done = its.index(s["done_at"]) if s["done_at"] in its else None
+    for rv, ra in zip(runs["vanilla"], runs["analytic"]):
+        cv, ca = curve(rv, 2), curve(ra, 2)
+        target = cv[-1]                                               # vanilla's final 2-step gap, same seed
+        nv, na = iters_to_reach(its, cv, target), iters_to_reach(its, ca, target)
+        ratios.append(dict(target=target, iters_vanilla=nv, iters_analytic=na,
+                           ratio=None if na is None else nv / max(na, 1.0)))
+        if i_done is not None:
+            at_done.append(ca[i_done] / cv[i_done])
+    out["iters_to_vanilla_final_2step"] = ratios
+    out["ratio_mean_se"] = mean_se([r["ratio"] for r in ratios])
+    out["reached"] = sum(r["ratio"] is not None for r in ratios)
+    out["gap_ratio_2step_at_done"] = dict(per_seed=at_done, mean_se=mean_se(at_done), iteration=s["done_at"])
+    out["iters"] = its
+    return out
 
 
 def main(quick=False, out="docs/results/ctm_analytic_precond"):
-    torch.set_num_threads(1)                                 # BENCH.md: shared cores
+    torch.set_num_threads(1)                                         # shared cores
     s = QUICK if quick else FULL
     t_start = time.time()
-    ds = toy.DATASETS[s["data"]]()
-    cfg = ctm.Config(mu=0.99)                                # toy target rate (train.py); DSM on, γ = 0 (§6, §9.1)
-    stats, stat_time = stats_for(ds, s)
-    noise = torch.randn(s["n_eval"], ds.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(12345))
-    x_ref = ds.ode(noise * cfg.sigma_max, cfg.sigma_max, cfg.sigma_min)   # the exact teacher's PF-ODE solution
-
-    init, init_info = pretrain_denoiser(ds, s, noise, x_ref)
-    print(f"initial denoiser: {init_info['iters']} EDM iterations, its 35-NFE Heun teacher gap "
-          f"{init_info['heun35_teacher_gap']:.2e}", flush=True)
-    curves = {v: [] for v in VARIANTS}                      # per variant, per seed: {nfe: [gap at checkpoint]}
-    its, times = None, {v: [] for v in VARIANTS}
-    for seed in s["seeds"]:
-        for v in VARIANTS:
-            log = run_ctm(ds, cfg, stats if v == "analytic" else None, seed, s, s["iters"], noise, x_ref, init)
-            its = [it for it, _ in log["evals"]]
-            curves[v].append({nfe: [e[nfe] for _, e in log["evals"]] for nfe in NFES})
-            times[v].append(log["s_per_iter"])
-            print(f"seed {seed} {v:8s}: final gap " + "  ".join(
-                f"NFE {nfe} {curves[v][-1][nfe][-1]:.3e}" for nfe in NFES) + f"   {log['s_per_iter']:.3f} s/iter",
-                flush=True)
-
-    def mean_curve(v, nfe):
-        return [mean_std([c[nfe][i] for c in curves[v]])[0] for i in range(len(its))]
-
-    # Targets: the vanilla mean 2-step gap at 1/4, 1/2 and all of the budget. The ratio is the iterations vanilla
-    # needs over the iterations Analytic-Precond needs to reach it (the paper's "2–3× faster"), from the mean curves
-    # and, for a spread, seed by seed (same seed paired).
-    van2 = mean_curve("vanilla", 2)
-    ratios = []
-    for frac in (0.25, 0.5, 1.0):
-        i = max(0, min(len(its) - 1, round(frac * len(its)) - 1))
-        target = van2[i]
-        reach = {v: iters_to_reach(its, mean_curve(v, 2), target) for v in VARIANTS}
-        per_seed = []
-        for cv, ca in zip(curves["vanilla"], curves["analytic"]):
-            rv, ra = iters_to_reach(its, cv[2], target), iters_to_reach(its, ca[2], target)
-            per_seed.append(None if rv is None or ra is None else rv / max(ra, 1e-9))   # huge if reached at init
-        ratio = None if None in reach.values() else reach["vanilla"] / max(reach["analytic"], 1e-9)
-        ratios.append(dict(target_from_vanilla_at=its[i], target_gap=target, iters_vanilla=reach["vanilla"],
-                           iters_analytic=reach["analytic"], ratio_mean_curves=ratio,
-                           ratio_per_seed=per_seed, ratio_per_seed_mean_std=mean_std(per_seed)))
-
-    # Side-run: ring8, where the coefficients blow up. Statistics, coefficients, and a short run of each variant.
-    side_ds = toy.DATASETS[s["side_data"]]()
-    side_stats, side_stat_time = stats_for(side_ds, s)
-    side_noise = noise[:min(len(noise), 1000)]
-    side_ref = side_ds.ode(side_noise * cfg.sigma_max, cfg.sigma_max, cfg.sigma_min)
-    # No denoiser initialisation here: the side-run only shows whether training survives the coefficients.
-    side = {"coefficients": coefficient_table(side_stats, cfg), "stat_time_s": side_stat_time,
-            "kappa_min": float(side_stats.kappa.min()), "kappa_max": float(side_stats.kappa.max())}
-    for v in VARIANTS:
-        log = run_ctm(side_ds, cfg, side_stats if v == "analytic" else None, 0, dict(s, eval_every=s["side_iters"]),
-                      s["side_iters"], side_noise, side_ref)
-        side[v] = {"losses": log["loss"], "final_gap": log["evals"][-1][1]}
-
-    # ---- table
-    print(f"\nCTM vs CTM + Analytic-Precond on {s['data']}, students initialised from an EDM denoiser "
-          f"(Heun-35 gap {init_info['heun35_teacher_gap']:.1e}): {len(s['seeds'])} seeds x {s['iters']} iterations, "
-          f"batch {s['batch']}, lr {s['lr']}, μ {cfg.mu}, DSM on, γ = 0 sampler; teacher gap (mean ± std over seeds)")
-    print("  iter | " + " | ".join(f"{v} NFE {nfe}".rjust(22) for nfe in (2, 1) for v in VARIANTS))
-    for i, it in enumerate(its):
-        if quick or it % (4 * s["eval_every"]) == 0 or i in (1, len(its) - 1):
-            cells = []
-            for nfe in (2, 1):
-                for v in VARIANTS:
-                    m, sd = mean_std([c[nfe][i] for c in curves[v]])
-                    cells.append(f"{m:.2e} ± {sd:.1e}".rjust(22))
-            print(f"{it:6d} | " + " | ".join(cells))
-    for v in VARIANTS:
-        m = [mean_std([c[nfe][-1] for c in curves[v]]) for nfe in NFES]
-        print(f"final {v:8s}: " + "   ".join(f"NFE {nfe}: {a:.2e} ± {b:.1e}" for nfe, (a, b) in zip(NFES, m)))
-    print("\n2-step iterations to reach the vanilla gap at a fraction of the budget (ratio = vanilla / analytic):")
-    for r in ratios:
-        fmt = lambda x: "never" if x is None else f"{x:.0f}"
-        m, sd = r["ratio_per_seed_mean_std"]
-        rm = "n/a" if r["ratio_mean_curves"] is None else f"{r['ratio_mean_curves']:.2f}"
-        print(f"  target {r['target_gap']:.2e} (vanilla @ {r['target_from_vanilla_at']}): vanilla "
-              f"{fmt(r['iters_vanilla'])}, analytic {fmt(r['iters_analytic'])}, ratio {rm} "
-              f"(per seed {m:.2f} ± {sd:.2f})")
-    coeff = coefficient_table(stats, cfg)
-    print(f"\ncoefficients β, α (CTM | Analytic-Precond); statistics {stat_time:.1f}s on {s['data']}, "
-          f"{side_stat_time:.1f}s on {s['side_data']}")
-    for name, rows in ((s["data"], coeff), (s["side_data"], side["coefficients"])):
-        for r in rows:
-            print(f"  {name:8s} t {r['t']:6.2f} -> s {r['s']:6.3f}: CTM {r['beta_ctm']:8.4f} {r['alpha_ctm']:8.4f} | "
-                  f"AP {r['beta_ap']:10.4g} {r['alpha_ap']:10.4g}")
-    print(f"  {s['side_data']}: κ_t in [{side['kappa_min']:.2f}, {side['kappa_max']:.2f}]")
-    for v in VARIANTS:
-        print(f"  {s['side_data']} {v:8s} after {s['side_iters']} iterations: loss {side[v]['losses'][-1][1]:.3g}, "
-              "gap " + "  ".join(f"NFE {k} {g:.3g}" for k, g in side[v]["final_gap"].items()))
-
-    # ---- picture: 2-step and 1-step gap against iterations (mean ± std bands), and the coefficients
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
-    colours = {"vanilla": "k", "analytic": "r"}
-    for panel, nfe in zip(ax[:2], (2, 1)):
-        for v in VARIANTS:
-            m = torch.tensor(mean_curve(v, nfe))
-            sd = torch.tensor([mean_std([c[nfe][i] for c in curves[v]])[1] for i in range(len(its))]).nan_to_num()
-            panel.plot(its, m, colours[v], label=f"CTM {'+ Analytic-Precond' if v == 'analytic' else '(vanilla)'}")
-            panel.fill_between(its, (m - sd).clamp(min=m.min() * 0.3), m + sd, color=colours[v], alpha=0.15)
-        if nfe == 2:
-            for r in ratios:
-                panel.axhline(r["target_gap"], color="grey", lw=0.6, ls=":")
-        panel.set_yscale("log")
-        panel.set_xlabel("training iteration")
-        panel.set_ylabel("teacher gap E‖x − x_ODE‖²/d")
-        panel.set_title(f"{nfe}-step (γ = 0) on {s['data']}, {len(s['seeds'])} seeds")
-        panel.legend()
-    t = edm.sigma_grid(40, cfg.sigma_min, cfg.sigma_max, cfg.rho)[:-1]
-    eps = torch.full_like(t, cfg.sigma_min)
-    sd_ = cfg.sigma_data
-    ax[2].plot(t, sd_ * (t - eps) / (sd_**2 + t**2).sqrt(), "k--", label="CTM")
-    ax[2].plot(t, analytic_precond.coefficients(stats, t, eps)[1].abs(), "r-", label=f"AP, {s['data']}")
-    ax[2].plot(t, analytic_precond.coefficients(side_stats, t, eps)[1].abs(), "b-", label=f"AP, {s['side_data']}")
-    ax[2].set(xscale="log", yscale="log", xlabel="t", title="|α(t, ε)|: the coefficient on the network output")
-    ax[2].legend()
-    fig.tight_layout()
+    result, samples = dict(settings=s, datasets={}), {}
+    for name in s["datasets"]:
+        ds = toy.DATASETS[name]()
+        teacher_net, teacher_time = train_teacher(ds, s)
+        teacher64 = edm.Denoiser(copy.deepcopy(teacher_net).double()).requires_grad_(False)
+        x0, _ = ds.sample(s["stat_samples"], torch.Generator().manual_seed(1), torch.float64)
+        t0 = time.time()
+        stats = analytic_precond.compute_stats(
+            analytic_precond.Config(num_intervals=s["stat_intervals"], num_samples=s["stat_samples"]), teacher64, x0,
+            generator=torch.Generator().manual_seed(1))
+        stat_time = time.time() - t0
+        bounded = analytic_precond.check_bounded(stats)
+        T, eps = torch.tensor([edm.SIGMA_MAX], dtype=torch.float64), torch.tensor([edm.SIGMA_MIN], dtype=torch.float64)
+        alpha_T = analytic_precond.coefficients(stats, T, eps)[1].item()
+        noise = torch.randn(s["n_eval"], ds.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(12345))
+        refs = {"teacher": toy.ode_solve(teacher64, noise * edm.SIGMA_MAX, edm.SIGMA_MAX, edm.SIGMA_MIN),
+                "exact": ds.ode(noise * edm.SIGMA_MAX, edm.SIGMA_MAX, edm.SIGMA_MIN)}
+        res = dict(teacher_train_s=teacher_time, stat_time_s=stat_time, check_bounded=bounded,
+                   alpha_T_eps=alpha_T, alpha_T_eps_ctm=edm.SIGMA_DATA * (80 - 0.002) / (0.25 + 6400) ** 0.5,
+                   teacher_vs_exact=paired_gap(refs["teacher"], refs["exact"]), algos={})
+        print(f"{name}: teacher {teacher_time:.0f}s, statistics {stat_time:.1f}s, α(T, ε) {alpha_T:.4f}, bounded: "
+              f"{bounded or 'yes'}; teacher ODE vs exact ODE {res['teacher_vs_exact']['mean']:.2e}", flush=True)
+        for algo in ALGOS:
+            runs = {arm: [] for arm in ARMS}
+            for seed in s["seeds"]:
+                for arm in ARMS:
+                    r, samples[name, algo, arm, seed] = run(algo, arm, ds, teacher_net, stats, seed, s, noise, refs)
+                    runs[arm].append(r)
+                    print(f"  {algo} seed {seed} {arm:8s}: " + "  ".join(
+                        f"NFE {nfe} {r['evals'][-1][1][nfe]['teacher']['mean']:.2e}" for nfe in NFES)
+                        + f"  ({r['s_per_iter']:.3f} s/iter)", flush=True)
+            summary = summarise(runs, s, algo)
+            run_time = summary["vanilla"]["s_per_iter"][0] * s[f"{algo}_iters"]
+            summary["stat_fraction_of_run"] = stat_time / run_time
+            res["algos"][algo] = dict(summary=summary, runs=runs)
+        result["datasets"][name] = res
+        samples[name, "refs"] = {k: v.float() for k, v in refs.items()}
+        samples[name, "noise"] = noise.float()
+        keep = os.path.join("runs", "ctm_analytic_precond" + ("-quick" if quick else ""))
+        os.makedirs(keep, exist_ok=True)
+        torch.save(samples, os.path.join(keep, "samples.pt"))        # every run's final samples, for re-measuring
+    result["wall_time_s"] = time.time() - t_start
     os.makedirs(out, exist_ok=True)
-    png = os.path.join(out, "ctm_analytic_precond.png")
-    fig.savefig(png, dpi=100)
-
-    result = dict(settings=s, ctm_config=vars(cfg), initial_denoiser=init_info, nfes=NFES, iters=its, curves=curves, ratios=ratios,
-                  s_per_iter={v: mean_std(t_) for v, t_ in times.items()}, stat_time_s=stat_time,
-                  coefficients=coeff, side=side, wall_time_s=time.time() - t_start)
     with open(os.path.join(out, "ctm_analytic_precond.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"\nwrote {png} and the JSON; total {time.time() - t_start:.0f}s")
+    report(result, out)
     return result
+
+
+def report(result, out):
+    """Print the tables and draw the 2-step and 1-step curves (mean ± standard error over seeds)."""
+    s = result["settings"]
+    for name, res in result["datasets"].items():
+        for algo, a in res["algos"].items():
+            sm = a["summary"]
+            print(f"\n{name}, {algo.upper()}, {len(s['seeds'])} seeds x {s[f'{algo}_iters']} iterations; final gap to "
+                  f"the teacher network's ODE (to the exact ODE), mean of runs' means ± s.e.:")
+            for arm in ARMS:
+                cells = [f"NFE {nfe}: {sm[arm][f'teacher_mean_nfe{nfe}'][0]:.2e} ± {sm[arm][f'teacher_mean_nfe{nfe}'][1]:.1e}"
+                         f" ({sm[arm][f'exact_mean_nfe{nfe}'][0]:.2e})" for nfe in NFES]
+                print(f"  {arm:8s} " + "   ".join(cells))
+            m, se = sm["ratio_mean_se"]
+            print(f"  2-step: iterations to vanilla's final gap, vanilla/analytic = {m:.2f} ± {se:.2f} "
+                  f"({sm['reached']}/{len(s['seeds'])} reached); gap ratio analytic/vanilla at iteration "
+                  f"{s['done_at']}: {sm['gap_ratio_2step_at_done']['mean_se'][0]:.2f} ± "
+                  f"{sm['gap_ratio_2step_at_done']['mean_se'][1]:.2f}; statistics = "
+                  f"{100 * sm['stat_fraction_of_run']:.1f} % of one run")
+    fig, ax = plt.subplots(len(result["datasets"]), 4, figsize=(18, 4 * len(result["datasets"])), squeeze=False)
+    for row, (name, res) in zip(ax, result["datasets"].items()):
+        for col, (algo, nfe) in enumerate([("ctm", 2), ("ctm", 1), ("ctm", 4), ("cd", 2)]):
+            a = res["algos"][algo]
+            its = a["summary"]["iters"]
+            for arm, colour in zip(ARMS, "kr"):
+                c = torch.tensor([[e[nfe]["teacher"]["mean"] for _, e in r["evals"]] for r in a["runs"][arm]])
+                m, se = c.mean(0), c.std(0).nan_to_num() / len(c) ** 0.5
+                row[col].plot(its, m, colour, label=f"{algo.upper()} " + ("+ Analytic-Precond" if arm == "analytic"
+                                                                         else "(vanilla)"))
+                row[col].fill_between(its, (m - se).clamp(min=float(m.min()) * 0.3), m + se, color=colour, alpha=0.2)
+            row[col].set(yscale="log", xlabel="training iteration", ylabel="gap to the teacher's ODE",
+                         title=f"{name}: {algo.upper()}, {nfe}-step")
+            row[col].legend()
+    fig.tight_layout()
+    png = os.path.join(out, "ctm_analytic_precond.png")
+    fig.savefig(png, dpi=90)
+    print(f"\nwrote {png} and the JSON; total {result['wall_time_s']:.0f}s")
 
 
 if __name__ == "__main__":

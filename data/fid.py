@@ -18,7 +18,7 @@ first use, so it needs network access once (or `weights_path=` to a local copy):
 on an offline machine, and never needed for training or for the tests. torch-fidelity also needs torchvision,
 which must match the installed torch.
 
-Papers report FID over 50,000 generated samples (shared/papers/README.md), and `fid` defaults to that; the
+Papers report FID over 50,000 generated samples (EDM, CM and CTM alike), and `fid` defaults to that; the
 reference statistics are those of every image of the dataset given, the training set as in EDM's `fid.py`.
 FID on the 8x8 digits runs (the images are upsampled to 299x299) but is not a number to compare with anything.
 The helpers run in one process: under DDP, compute FID on rank 0.
@@ -62,7 +62,7 @@ def feature_statistics(feature_batches):
 
 def to_uint8_rgb(x):
     """Images in [-1, 1] [B, C, H, W] -> uint8 [B, 3, H, W], as EDM saves them; grey images repeated to RGB."""
-    pixels = (x * 127.5 + 128).clip(0, 255).to(torch.uint8)  # edm.md §5 (generate.py): x·127.5 + 128, clipped
+    pixels = (x * 127.5 + 128).clip(0, 255).to(torch.uint8)  # as EDM's generate.py: x·127.5 + 128, clipped
     return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
 
 

@@ -21,8 +21,16 @@ Array layouts accepted for npz/npy: [N, H, W, C] (tried first), [N, C, H, W] or 
 and H = W. Pixels are uint8 0..255 (0..16 for the digits) and come out of `ImageDataset.batch` as float32 in
 [-1, 1], shape [B, C, H, W]; labels come out as int64 [B], and `one_hot` turns them into EDM's `class_labels`.
 
-Memory: PNG, CIFAR-10 and npz images are decoded once, at open, into one uint8 array per process
-(CIFAR-10 150 MB, FFHQ-64 0.9 GB, ImageNet-64 15.7 GB); a `.npy` is memory-mapped instead.
+Memory: `open_dataset(spec)` decodes PNG, CIFAR-10 and npz images, at open, into one uint8 array per process
+(CIFAR-10 150 MB, FFHQ-64 0.9 GB, ImageNet-64 15.7 GB): fine for small sets and tests. `open_dataset(spec,
+cache_dir)` decodes them once into `cache_dir/<kind>-<name>-<fingerprint>/images.npy` (uint8 [N, C, H, W]) and
+memory-maps that file, then and on every later open: the ranks of a node (and their loader workers) share one copy
+in the page cache, and no process holds a private one, so memory per rank does not grow with the dataset. The
+first process to open a new set decodes it while the others wait (a file lock), writing the pixels straight into
+the file; the entry appears atomically. The fingerprint covers the source's path, sizes and modification times,
+so an edited dataset is decoded afresh. A `.npy` is always memory-mapped in place. Decoding everything once, rather
+than each PNG whenever it is drawn, keeps the complete check of every file at open and makes a batch a plain copy
+out of the map.
 
 Optional extras: Pillow for PNGs (`folder:`/`zip:`), scikit-learn for `digits`. Each is imported only when
 needed, with an error that says how to install it.
@@ -32,14 +40,17 @@ and x_σ = x_0 + σ·z (EDM's VE convention), and `EmpiricalTeacher` wraps it as
 network on any small `ImageDataset` (in practice the digits).
 
 Sources: EDM = Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models",
-arXiv 2206.00364v2 (and its code NVlabs/edm, as summarised in shared/papers/edm.md). CIFAR-10 = the format
+arXiv 2206.00364v2 (and its code NVlabs/edm). CIFAR-10 = the format
 described on Krizhevsky's CIFAR-10 page ("Dataset layout", python version). Digits = scikit-learn's
 `sklearn.datasets.load_digits` documentation.
 """
 
+import hashlib
 import io
 import json
+import os
 import pickle
+import shutil
 import tarfile
 import zipfile
 import zlib
@@ -48,6 +59,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+try:
+    import fcntl  # POSIX file locks; elsewhere concurrent first opens each decode, and one rename wins
+except ImportError:
+    fcntl = None
 
 from data.toy import GaussianMixture
 
@@ -58,16 +74,24 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class ImageDataset:
-    """Images held as integers [N, C, H, W] (a read-only memory map for .npy), with optional class labels."""
+    """Images held as integers [N, C, H, W] (a read-only memory map for .npy and cached sets), with optional labels."""
 
     images: np.ndarray  # uint8 [N, C, H, W], values 0..pixel_max
     labels: np.ndarray | None  # int64 [N] in [0, num_classes), or None when unlabelled
     num_classes: int  # 0 when unlabelled (EDM's label_dim = 0)
     pixel_max: int  # 255 for 8-bit images, 16 for the digits
     source: str  # where the images came from, for messages
+    mapped: str | None = None  # the .npy file `images` is a memory map of, if it is one
 
     def __len__(self):
         return self.images.shape[0]
+
+    def __reduce__(self):
+        # A memory-mapped set travels (e.g. to DataLoader workers under spawn or forkserver) as its file name and is
+        # mapped again on arrival, instead of being copied pixel by pixel into the pickle.
+        if self.mapped is None:
+            return super().__reduce__()
+        return _remap, (self.mapped, self.images.shape[1:], self.labels, self.num_classes, self.pixel_max, self.source)
 
     @property
     def channels(self):
@@ -83,15 +107,29 @@ class ImageDataset:
         With `xflip`, each image is mirrored left-right with probability 1/2, drawn from `generator`, so a
         run that saves the generator's state replays the same flips.
         """
+        flip = torch.rand(len(indices), generator=generator) < 0.5 if xflip else None  # [B]
+        return self.take(indices, flip)
+
+    def take(self, indices, flip=None):
+        """Images `indices` as float32 [B, C, H, W] in [-1, 1], those where the bool mask `flip` [B] is set
+        mirrored left-right, and their labels int64 [B] (or None)."""
         idx = np.asarray(indices, dtype=np.int64)
         # Fancy indexing copies (also out of a memory map); ascontiguousarray for a transposed HWC view.
         pixels = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
-        x = pixels.to(torch.float32) / (self.pixel_max / 2) - 1  # edm.md §1: data scaled to [-1, 1] (EDM: / 127.5 - 1)
-        if xflip:
-            flip = torch.rand(len(idx), generator=generator) < 0.5  # [B]
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        x = pixels.to(torch.float32) / (self.pixel_max / 2) - 1  # EDM: data scaled to [-1, 1] (/ 127.5 - 1)
+        if flip is not None:
+            x = torch.where(torch.as_tensor(flip)[:, None, None, None], x.flip(3), x)
         labels = None if self.labels is None else torch.from_numpy(self.labels[idx])
         return x, labels
+
+
+def _remap(path, chw, labels, num_classes, pixel_max, source):
+    images = np.load(path, mmap_mode="r", allow_pickle=False)
+    if images.shape[1:] != chw:  # a .npy given as [N, H, W, C] or [N, H, W]: the same view as at open
+        images = _nchw(images, source)
+    if images.shape[1:] != chw:
+        raise DatasetError(f"{path}: changed since it was opened (images now {list(images.shape)})")
+    return ImageDataset(images, labels, num_classes, pixel_max, source, path)
 
 
 def one_hot(labels, num_classes):
@@ -99,8 +137,12 @@ def one_hot(labels, num_classes):
     return torch.nn.functional.one_hot(labels, num_classes).to(torch.float32)
 
 
-def open_dataset(spec):
-    """Open and fully check the dataset named by `spec` (see the module docstring for the forms)."""
+def open_dataset(spec, cache_dir=None):
+    """Open and fully check the dataset named by `spec` (see the module docstring for the forms).
+
+    With `cache_dir`, a PNG, CIFAR-10 or npz set is decoded once into a uint8 .npy under that folder and
+    memory-mapped from there, now and on every later open (see "Memory" in the module docstring).
+    """
     if spec == "digits":
         return digits_dataset()
     kind, _, path = spec.partition(":")
@@ -112,14 +154,23 @@ def open_dataset(spec):
     path = Path(path).expanduser()
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder (dataset spec {spec!r})")
-    return openers[kind](path)
+    if cache_dir is None or kind == "npy":
+        return openers[kind](path)
+    return _cached(kind, path, openers[kind], Path(cache_dir).expanduser())
+
+
+def default_cache_dir():
+    """Where decoded datasets are cached unless a run says otherwise: $XDG_CACHE_HOME (or ~/.cache), then
+    consistency-distillation/datasets."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "consistency-distillation" / "datasets"
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Checks shared by all formats.
 
 
-def _checked(images, labels, num_classes, source, pixel_max=255):
+def _checked(images, labels, num_classes, source, pixel_max=255, mapped=None):
     """Refuse anything that is not uint8 [N, C, H, W] with C in {1, 3}, H = W, N > 0 and one label per image."""
     if images.dtype != np.uint8:
         raise DatasetError(f"{source}: images are {images.dtype}, expected uint8 pixels 0..255")
@@ -137,7 +188,7 @@ def _checked(images, labels, num_classes, source, pixel_max=255):
         num_classes = num_classes or int(labels.max()) + 1
         if labels.max() >= num_classes:
             raise DatasetError(f"{source}: label {labels.max()} out of range for {num_classes} classes")
-    return ImageDataset(images, labels, num_classes if labels is not None else 0, pixel_max, str(source))
+    return ImageDataset(images, labels, num_classes if labels is not None else 0, pixel_max, str(source), mapped)
 
 
 def _nchw(array, source):
@@ -243,24 +294,25 @@ def _import_pillow():
     return Image
 
 
-def _open_folder(path):
+def _open_folder(path, alloc=np.empty):
     if not path.is_dir():
         raise DatasetError(f"{path}: not a folder (use zip:{path} for a zip of PNGs)")
     names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
-    return _png_dataset(path, names, lambda name: (path / name).read_bytes())
+    return _png_dataset(path, names, lambda name: (path / name).read_bytes(), alloc)
 
 
-def _open_zip(path):
+def _open_zip(path, alloc=np.empty):
     try:
         with zipfile.ZipFile(path) as archive:
             names = sorted(n for n in archive.namelist() if not n.endswith("/"))
-            return _png_dataset(path, names, archive.read)
+            return _png_dataset(path, names, archive.read, alloc)
     except (zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
         raise DatasetError(f"{path}: not a readable zip archive ({type(e).__name__}: {e})") from e
 
 
-def _png_dataset(root, names, read):
-    """Decode every PNG under `root` (sorted by path, as EDM does) into one uint8 [N, C, H, W] array."""
+def _png_dataset(root, names, read, alloc=np.empty):
+    """Decode every PNG under `root` (sorted by path, as EDM does) into one uint8 [N, C, H, W] array made by
+    `alloc(shape, dtype)`: in memory, or a memory-mapped file that the pixels go to directly."""
     Image = _import_pillow()
     pngs = [n for n in names if n.lower().endswith(".png")]
     if not pngs:
@@ -276,7 +328,7 @@ def _png_dataset(root, names, read):
             raise DatasetError(f"{root}/{name}: PNG mode {mode}, expected L (grey) or RGB")
         chw = pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)  # [C, H, W]
         if images is None:
-            images = np.empty((len(pngs), *chw.shape), dtype=np.uint8)
+            images = alloc((len(pngs), *chw.shape), np.uint8)
         elif chw.shape != images.shape[1:]:
             raise DatasetError(
                 f"{root}/{name}: {mode} {chw.shape[2]}x{chw.shape[1]}, but {pngs[0]} is "
@@ -354,7 +406,76 @@ def _open_npy(path):
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise DatasetError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from e
-    return _checked(_nchw(array, path), None, 0, path)
+    return _checked(_nchw(array, path), None, 0, path, mapped=str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The decoded-image cache: one memory-mapped uint8 .npy per dataset and node.
+
+_CACHE_FORMAT = 1  # bump when the cache layout changes
+
+
+def _fingerprint(path):
+    """What identifies the source's contents cheaply: path, size and modification time of the file, or of every
+    file under the folder, so an edited or replaced dataset never reuses a stale cache."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256(f"{_CACHE_FORMAT}\n{path.resolve()}\n".encode())
+    for p in files:
+        st = p.stat()
+        digest.update(f"{p.relative_to(path) if path.is_dir() else ''}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def _cached(kind, path, opener, cache_dir):
+    """The dataset at `path`, decoded once into `cache_dir/<name>-<fingerprint>/` and memory-mapped from there.
+
+    Of several processes that open the same dataset at once (the ranks of a node), the first to take the entry's
+    lock decodes it, the others wait on the lock and then map the finished entry; every process holds the same
+    page-cache copy of the pixels, none a private one. The entry is assembled in a temporary folder and renamed into
+    place, so it either exists complete or not at all, also if the decoding fails or is killed, or if processes on
+    several machines share the folder (the lock then only saves repeated work).
+    """
+    entry = cache_dir / f"{kind}-{path.name}-{_fingerprint(path)}"
+    if not entry.is_dir():
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            lock = open(cache_dir / f"{entry.name}.lock", "a")  # noqa: SIM115 -- held for the whole build below
+        except OSError as e:
+            raise DatasetError(f"{cache_dir}: cannot write the dataset cache there ({e.strerror or e})") from e
+        with lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+            if not entry.is_dir():
+                _build_entry(entry, kind, path, opener)
+    images = np.load(entry / "images.npy", mmap_mode="r", allow_pickle=False)
+    info = json.loads((entry / "info.json").read_text())
+    labels = np.load(entry / "labels.npy", allow_pickle=False) if (entry / "labels.npy").is_file() else None
+    return _checked(images, labels, info["num_classes"], path, info["pixel_max"], mapped=str(entry / "images.npy"))
+
+
+def _build_entry(entry, kind, path, opener):
+    tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if kind in ("folder", "zip"):  # decoded straight into the file: no copy of the set in this process either
+            ds = opener(path, lambda shape, dtype: np.lib.format.open_memmap(tmp / "images.npy", "w+", dtype, shape))
+            ds.images.flush()
+        else:
+            ds = opener(path)
+            np.save(tmp / "images.npy", np.ascontiguousarray(ds.images))
+        if ds.labels is not None:
+            np.save(tmp / "labels.npy", ds.labels)
+        (tmp / "info.json").write_text(json.dumps(
+            {"source": str(path.resolve()), "num_classes": ds.num_classes, "pixel_max": ds.pixel_max,
+             "shape": list(ds.images.shape)}))
+        del ds
+        os.rename(tmp, entry)  # atomic; fails only if another machine finished the same entry first
+    except OSError:
+        if not entry.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,8 +20,6 @@ import math
 
 import torch
 
-from algorithms.edm import bcast
-
 
 class GaussianMixture:
     """Mixture of K isotropic Gaussians N(μ_k, std²I) with weights w_k; `classes[k]` is component k's label."""
@@ -49,22 +47,35 @@ class GaussianMixture:
         restrict the posterior to the components of that class. Computed in float64."""
         x64 = x.to(torch.float64)
         means, log_w = self.means.to(x.device), self.log_w.to(x.device)
-        var = bcast(sigma, x64) ** 2 + self.std**2                           # [B, 1]: std² + σ²
+        var = column(sigma, x64) ** 2 + self.std**2                           # [B, 1]: std² + σ²
         # −‖x − μ_k‖²/2 = x·μ_k − ‖μ_k‖²/2 − ‖x‖²/2, and the last term is the same for every k: it cancels in the
         # softmax. (This form is also what forward-mode AD, used by Analytic-Precond, can differentiate.)
         logits = log_w + (x64 @ means.T - 0.5 * means.square().sum(1)) / var  # [B, K]
         if labels is not None:
             if self.classes is None:
                 raise ValueError(f"dataset {self.name!r} has no classes, but class labels were given")
-            logits = logits + labels.to(torch.float64)[:, self.classes.to(x.device)].log()  # −inf outside the label's class
+            # −inf outside the label's class
+            logits = logits + labels.to(torch.float64)[:, self.classes.to(x.device)].log()
         p = logits.softmax(dim=1)                                             # [B, K]: p(k | x_σ)
         shrink = self.std**2 / var                                            # [B, 1]: std²/(std² + σ²)
         # Σ_k p_k·(μ_k + shrink·(x − μ_k)) = (1 − shrink)·Σ_k p_k μ_k + shrink·x
         return ((1 - shrink) * (p @ means) + shrink * x64).to(x.dtype)
 
+    def nearest_component(self, x):
+        """The component each sample [B, d] most likely came from, argmax_k ln w_k − ‖x − μ_k‖²/(2std²) (for a point
+        set, std = 0: the nearest point): the mode that `metrics.paired_gap` compares. Returns indices [B]."""
+        d2 = torch.cdist(x.to(torch.float64), self.means.to(x.device)).square()      # [B, K]
+        return (-d2 if self.std == 0 else self.log_w.to(x.device) - d2 / (2 * self.std**2)).argmax(1)
+
     def ode(self, x, t, s, labels=None, steps_per_unit=20):
         """The exact teacher: the PF-ODE solution at σ = s started from x at σ = t (see `ode_solve`)."""
         return ode_solve(self.denoiser, x, t, s, labels, steps_per_unit)
+
+
+def column(v, x):
+    """A float or a per-example [B] tensor as [B, 1, ..., 1] in x's dtype, against x of shape [B, ...]."""
+    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    return v.expand(x.shape[0]).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def one_hot(k, n, dtype=torch.float32):
@@ -79,7 +90,7 @@ def ode_solve(D, x, t, s, labels=None, steps_per_unit=20):
     classical RK4 with `steps_per_unit` steps per unit of λ (212 steps from 80 to 0.002 at the default) is
     accurate to far below 1e-4 (checked by `tests/test_toy.py`). t and s may be floats or per-example [B]."""
     x = x.to(torch.float64)
-    lam_t, lam_s = bcast(t, x).log(), bcast(s, x).log()                   # [B, 1]
+    lam_t, lam_s = column(t, x).log(), column(s, x).log()                 # [B, 1]
     if bool((lam_s > lam_t).any()):
         raise ValueError("ode_solve integrates towards smaller noise: every s must be <= t")
     n = max(1, math.ceil(float((lam_t - lam_s).abs().max()) * steps_per_unit))

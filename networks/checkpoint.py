@@ -4,9 +4,9 @@ An NVlabs EDM checkpoint (`edm-cifar10-32x32-uncond-vp.pkl`, …; T. Karras et a
 NVlabs/edm) is a plain pickle of {'ema': EDMPrecond, 'loss_fn', 'augment_pipe', 'dataset_kwargs'}. Every network
 object in it is stored by NVlabs' `torch_utils.persistence` as a call `_reconstruct_persistent_obj(meta)`, where
 meta = {type, version, module_src, class_name, state} and `module_src` is the *entire source file* of the class;
-the normal unpickler `exec`s it (shared/papers/edm.md §7.3). A pickle can also call any importable function.
+the normal unpickler `exec`s it. A pickle can also call any importable function.
 
-`load_edm_pickle` reads such a file with a restricted unpickler (edm.md §8.1): the persistence call becomes a stub
+`load_edm_pickle` reads such a file with a restricted unpickler: the persistence call becomes a stub
 that keeps `meta` and never looks at `module_src`; a short allowlist of tensor-rebuilding and container globals
 is served; any other global (`os.system`, `builtins.eval`, a class from the file's own code, …) is refused before
 it is called, with an error that names it. The weights are then read out of the object tree under the exact
@@ -15,14 +15,16 @@ loaded with `strict=True`.
 
 `load_state_dict_file` reads a plain `.pt` state dict with `torch.load(weights_only=True)`, also fail-closed.
 `load_teacher_into_student` copies a teacher's weights into a network built with `s_embedding=True`, checking that
-the only keys it lacks are the s-input's (CTM's student initialisation; networks.md §7).
+the only keys it lacks are the s-input's (CTM's student initialisation, as in sony/ctm).
 
 Every problem is raised as `CheckpointError` with the file's path and what is wrong with it.
 """
 import dataclasses
+import gc
 import inspect
 import io
 import pickle
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,11 +64,86 @@ class _AttrDict(dict):
     """Stands in for dnnlib.util.EasyDict (a dict with attribute access), without importing dnnlib."""
 
 
+# A tensor's storage inside a plain pickle is a nested blob in torch's legacy `torch.save` format (what
+# `TypedStorage.__reduce__` writes): five pickles -- magic number, protocol version 1001, a sys_info dict, the
+# object (here the storage itself, as a persistent id ('storage', <dtype>Storage, key, location, numel, view)),
+# the list of storage keys -- then, per key, an int64 element count and the raw little-endian bytes. It is read
+# here by a reader of our own instead of one `torch.load` per tensor (which costs milliseconds each, seconds for
+# a CIFAR-10 network): the only global it serves is a storage class, so it accepts less than torch's weights-only
+# unpickler, and anything else in the record is refused. The storage always lands on the CPU, whatever device it
+# was saved from.
+
+_LEGACY_MAGIC, _LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001  # torch/serialization.py's MAGIC_NUMBER, PROTOCOL_VERSION
+_STORAGE_DTYPES = {f"{name}Storage": dtype for name, dtype in [
+    ("Float", torch.float32), ("Double", torch.float64), ("Half", torch.float16), ("BFloat16", torch.bfloat16),
+    ("Long", torch.int64), ("Int", torch.int32), ("Short", torch.int16), ("Char", torch.int8),
+    ("Byte", torch.uint8), ("Bool", torch.bool)]}
+
+
+class _StorageRecordUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]  # a storage class stands for its dtype, nothing callable
+        raise pickle.UnpicklingError(f"refused global {module}.{name} in a storage record: only torch storage "
+                                     f"classes belong there")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
+            raise pickle.UnpicklingError("refused persistent id in a storage record: not a storage")
+        return pid
+
+
 def _storage_from_bytes(data: bytes):
-    # A tensor's storage inside a plain pickle is a nested torch.save blob; read it under torch's own allowlist.
     if not isinstance(data, bytes):
         raise pickle.UnpicklingError("a storage record does not hold bytes")
-    return torch.load(io.BytesIO(data), weights_only=True)
+    f = io.BytesIO(data)  # shares the buffer of `data` until written to: no copy
+    unpickler = _StorageRecordUnpickler(f)
+    magic, protocol, sys_info, pid, keys = (unpickler.load() for _ in range(5))  # five pickles in a row
+    if magic != _LEGACY_MAGIC or protocol != _LEGACY_PROTOCOL:
+        raise pickle.UnpicklingError("a storage record without torch's legacy magic number and protocol 1001")
+    if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
+        raise pickle.UnpicklingError("a storage record not written on a little-endian machine")
+    if not isinstance(pid, tuple):
+        raise pickle.UnpicklingError(f"a storage record holding a {type(pid).__name__}, not a storage")
+    _, dtype, key, location, numel, view = pid
+    if not isinstance(dtype, torch.dtype) or not isinstance(key, str) or not isinstance(location, str) or (
+            type(numel) is not int or numel < 0) or keys != [key]:
+        raise pickle.UnpicklingError("a malformed storage record")
+    itemsize = torch._utils._element_size(dtype)
+    start = f.tell() + 8
+    if len(data) != start + numel * itemsize or int.from_bytes(data[start - 8:start], "little") != numel:
+        raise pickle.UnpicklingError(f"a storage record of {len(data)} bytes for {numel} elements of {dtype}")
+    with warnings.catch_warnings():
+        # No copy: the storage shares the memory of `data`, which this unpickler created and nothing but the
+        # storage will reference once loading returns, so writing to it is sound although Python calls bytes
+        # immutable (which is all torch warns about here).
+        warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+        storage = torch.frombuffer(data, dtype=torch.uint8, offset=start).untyped_storage() if numel else (
+            torch.UntypedStorage(0))
+    if view is not None:  # (view key, offset, size) in elements: a slice of the root storage (old torch versions)
+        if not (isinstance(view, tuple) and len(view) == 3 and all(type(v) is int for v in view[1:]) and
+                0 <= view[1] and 0 <= view[2] and view[1] + view[2] <= numel):
+            raise pickle.UnpicklingError("a malformed storage view record")
+        storage = storage[view[1] * itemsize:(view[1] + view[2]) * itemsize]
+    return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
+    # What torch._utils._rebuild_tensor_v2 does for the one kind of tensor a network pickle holds: a dense view of
+    # a storage. Anything else (hooks, tensor metadata, arguments of the wrong types) is refused.
+    if not (isinstance(storage, torch.storage.TypedStorage) and type(storage_offset) is int and
+            isinstance(size, tuple) and isinstance(stride, tuple) and all(type(n) is int for n in size + stride) and
+            type(requires_grad) is bool and isinstance(backward_hooks, dict) and not backward_hooks and not metadata):
+        raise pickle.UnpicklingError("refused tensor record: not a plain dense tensor")
+    t = torch.empty(0, dtype=storage.dtype).set_(storage._untyped_storage, storage_offset, size, stride)
+    return t.requires_grad_(requires_grad)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks):
+    if not (isinstance(data, torch.Tensor) and type(requires_grad) is bool and isinstance(backward_hooks, dict) and
+            not backward_hooks):
+        raise pickle.UnpicklingError("refused parameter record: not a plain tensor")
+    return nn.Parameter(data, requires_grad)
 
 
 def _numpy_scalar(dtype, data):
@@ -83,8 +160,8 @@ _ALLOWED = {
     ("torch.nn.modules.container", "ModuleDict"): _Container,
     ("torch.nn.modules.container", "ModuleList"): _Container,
     ("torch.nn.modules.container", "Sequential"): _Container,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): set,
@@ -192,6 +269,8 @@ def _unpickle(path: Path):
 
 
 def _load_restricted(f, path: Path):
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # the tens of thousands of small objects would trigger collections that find nothing to free
     try:
         return _RestrictedUnpickler(f).load()
     except pickle.UnpicklingError as e:
@@ -200,6 +279,9 @@ def _load_restricted(f, path: Path):
         raise CheckpointError(f"{path}: truncated (the pickle ends before its STOP opcode)") from None
     except Exception as e:  # malformed opcodes or arguments surface as many exception types
         raise CheckpointError(f"{path}: malformed pickle ({type(e).__name__}: {e})") from None
+    finally:
+        if gc_was_enabled:
+            gc.enable()
 
 
 def _network_kwargs(cls, state: dict, where: str) -> dict:
@@ -211,6 +293,27 @@ def _network_kwargs(cls, state: dict, where: str) -> dict:
     if unknown:
         raise CheckpointError(f"{where}: {cls.__name__} arguments {unknown} are not supported by networks/edm_unet.py")
     return dict(kwargs)
+
+
+_INIT_OPS = {torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.mul_, torch.Tensor.zero_, torch.Tensor.fill_,
+             torch.Tensor.copy_}
+
+
+class _SkipInitialisation(torch.overrides.TorchFunctionMode):
+    """Skips the in-place fills and scalings of nn.Parameters (ours and torch.nn.init's, which torch's own layers
+    use), which is all a network's random initialisation does
+    (seconds for a full-size network) and what stored weights replace anyway. The parameters keep the memory
+    `torch.empty` gave them, never touched and freed when they are replaced. (The meta device would avoid the
+    allocation too, but torch's meta versions of `normal_` and `outer` import about four seconds of compiler
+    machinery on their first use.)"""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else next(iter(kwargs.values()), None)  # torch.nn.init passes `tensor=` by name
+        if (func in _INIT_OPS or getattr(func, "__module__", None) == "torch.nn.init") and isinstance(
+                target, nn.Parameter):
+            return target
+        return func(*args, **kwargs)
 
 
 def load_edm_pickle(path) -> EDMCheckpoint:
@@ -238,10 +341,12 @@ def load_edm_pickle(path) -> EDMCheckpoint:
     state_dict = _flat_state_dict(model, "", where)
 
     try:
-        net = cls(**kwargs)
+        # No initialisation, and the stored tensors become the network's own below (assign): no copy either.
+        with _SkipInitialisation():
+            net = cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: cannot build {cls.__name__}(**{kwargs}): {e}") from None
-    _load_strict(net, state_dict, where)
+    _load_strict(net, state_dict, where, assign=True)
     precond = {k: pre[k] for k in ("sigma_data", "sigma_min", "sigma_max", "use_fp16", "img_resolution",
                                    "img_channels", "label_dim") if k in pre}
     return EDMCheckpoint(net.eval().requires_grad_(False), kwargs, precond)
@@ -250,8 +355,12 @@ def load_edm_pickle(path) -> EDMCheckpoint:
 # --------------------------------------------------------------------------------------------------------------
 # Plain state dicts and teacher -> student
 
-def _load_strict(net: nn.Module, state_dict: Mapping, where: str) -> None:
-    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+def _load_strict(net: nn.Module, state_dict: Mapping, where: str, assign: bool = False) -> None:
+    """Load with every key and shape checked first. With `assign`, the tensors themselves become the network's,
+    cast to the dtype the network declares, and every parameter is checked to hold loaded memory (for a network
+    constructed without initialisation)."""
+    own = net.state_dict()
+    expected = {k: tuple(v.shape) for k, v in own.items()}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [f"{k} {tuple(v.shape)} (expected {expected[k]})" for k, v in state_dict.items()
@@ -260,7 +369,14 @@ def _load_strict(net: nn.Module, state_dict: Mapping, where: str) -> None:
         raise CheckpointError(f"{where}: does not match {type(net).__name__}: {len(missing)} missing keys "
                               f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, {len(wrong)} of wrong "
                               f"shape {wrong[:5]}")
-    net.load_state_dict(state_dict, strict=True)
+    if assign:
+        state_dict = {k: v.to(own[k].dtype) for k, v in state_dict.items()}
+    net.load_state_dict(state_dict, strict=True, assign=assign)
+    if assign:
+        loaded = {v.data_ptr() for v in state_dict.values()}
+        left = [k for k, p in net.named_parameters() if p.numel() and p.data_ptr() not in loaded]
+        if left:  # cannot happen after a strict load of a state dict that lists every parameter
+            raise CheckpointError(f"{where}: {type(net).__name__} parameters {left[:5]} were not loaded")
 
 
 def read_state_dict_file(path) -> dict:
@@ -388,3 +504,45 @@ def load_teacher(path) -> Teacher:
     net = build_network(model["network"], str(path))
     _load_strict(net, state["ema"], state["path"])
     return Teacher(net.eval().requires_grad_(False), model["network"], model["data"])
+
+
+def teacher_mismatch(teacher: Teacher, data: dict, by_name: bool) -> str | None:
+    """Why `teacher` cannot teach on `data` (a record {name, shape, label_dim}), or None. A teacher of ours must
+    have been trained on data of the same shape (and, `by_name`, the same named data set: toys, digits); a
+    published one must match the data's resolution, channels and classes."""
+    kw, td = teacher.spec["kwargs"], teacher.data
+    if td is not None and (td["shape"] != data["shape"] or by_name and td["name"] != data["name"]):
+        return f"trained on {td['name']!r} {td['shape']}, but --data is {data['name']!r} {data['shape']}"
+    if td is None and [kw.get("in_channels"), kw.get("img_resolution")] != data["shape"][:2]:
+        r, c = kw.get("img_resolution"), kw.get("in_channels")
+        return f"a {r}x{r}x{c} network, but the data is {data['shape'][1]}x{data['shape'][2]}x{data['shape'][0]}"
+    if (kw.get("label_dim") or 0) != data["label_dim"]:
+        return (f"label_dim {kw.get('label_dim') or 0}, but the run has {data['label_dim']} classes "
+                f"({'add' if kw.get('label_dim') else 'drop'} --cond)")
+    return None
+
+
+def architectures():
+    """Every named image architecture: name -> (class name, constructor arguments)."""
+    from networks import edm_unet, uvit
+    return {**{k: ("SongUNet", v) for k, v in edm_unet.SONGUNET_CONFIGS.items()},
+            **{k: ("DhariwalUNet", v) for k, v in edm_unet.DHARIWALUNET_CONFIGS.items()},
+            **{k: ("UViT", v) for k, v in uvit.UVIT_CONFIGS.items()}}
+
+
+def student_spec(teacher: Teacher | None, arch: str | None, data: dict, dropout, s_embedding: bool) -> dict:
+    """The record {cls, kwargs} of a student network: the teacher's architecture, else the 2D MLP for flat data,
+    else the named image architecture fitted to the data's channels and classes; with the student's dropout (None:
+    the architecture's own) and, for CTM, the s-input."""
+    if teacher is not None:
+        cls, kwargs = teacher.spec["cls"], dict(teacher.spec["kwargs"])
+    elif len(data["shape"]) == 1:
+        cls, kwargs = "MLP", dict(dim=data["shape"][0], label_dim=data["label_dim"])
+    else:
+        cls, kwargs = architectures()[arch]
+        c = data["shape"][0]
+        kwargs = {**kwargs, "label_dim": data["label_dim"],
+                  **(dict(img_channels=c) if cls == "UViT" else dict(in_channels=c, out_channels=c))}
+    if dropout is not None and "dropout" in inspect.signature(network_classes()[cls]).parameters:
+        kwargs["dropout"] = dropout
+    return dict(cls=cls, kwargs={**kwargs, "s_embedding": s_embedding})

@@ -5,8 +5,8 @@
 - DDPM++ / NCSN++: Y. Song et al., "Score-Based Generative Modeling through Stochastic Differential Equations",
   ICLR 2021, arXiv:2011.13456.  ADM: P. Dhariwal, A. Nichol, "Diffusion Models Beat GANs on Image Synthesis",
   NeurIPS 2021, arXiv:2105.05233.
-- The s-input: D. Kim et al., "Consistency Trajectory Models", ICLR 2024, arXiv:2310.02279 (as in its code;
-  shared/papers/ctm.md §2, networks.md §7).
+- The s-input: D. Kim et al., "Consistency Trajectory Models", ICLR 2024, arXiv:2310.02279v3 (as in its code,
+  sony/ctm).
 
 These are plain `nn.Module`s that know nothing of preconditioning. With EDM's wrapper around them,
 
@@ -17,14 +17,14 @@ input c_in·x and c_noise, and returns a tensor shaped like x (and of its dtype,
 c_out and c_in live in `algorithms/`. Inputs a network was not built for (labels for an unconditional one, s
 without the s-input, augment labels without augment_dim, another resolution) raise a ValueError that says so.
 
-CTM's student is NN(c_in(t)·x_t, c_noise(t), c_noise(s)) inside EDM's preconditioning of t (ctm.md §1). Built with
-`s_embedding=True`, a network embeds c_noise(s) with the same noise embedding, passes it through its own MLP
+CTM's student is NN(c_in(t)·x_t, c_noise(t), c_noise(s)) inside EDM's preconditioning of t (algorithms/ctm.py).
+Built with `s_embedding=True`, a network embeds c_noise(s) with the same noise embedding, passes it through its own MLP
 (`map_layer0_s`, `map_layer1_s`) and adds a per-block `affine_s(emb_s)` to the block's `affine(emb_t)`.
 Every s-layer's name ends in `_s` and all other keys are unchanged, so a teacher's state_dict loads into a
 student with only the s-keys missing (`networks.checkpoint.load_teacher_into_student`). Given no s, such a network
 is evaluated at s = t, CTM's g(x_t, t, t): the denoiser.
 
-Written from the architecture description in shared/papers/networks.md §1–§7, not from NVlabs' code, which is
+Written from the published architectures and the layout of EDM's checkpoints, not from NVlabs' code, which is
 CC BY-NC-SA. Module names, tensor shapes and constructor defaults match theirs (facts about the checkpoint
 format), so `state_dict()` equals the published checkpoints' key for key and shape for shape and they load with
 `strict=True`. The traps of that format are commented where they are handled.
@@ -44,9 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # --------------------------------------------------------------------------------------------------------------
-# Initialisation (networks.md §2.2, §4.2)
+# Initialisation (the modes and gains of EDM's checkpoints' constructors)
 
 class Init:
     """A weight-initialisation rule: `mode` with the fans of the weight, scaled by `weight` (weights) and `bias`."""
@@ -82,12 +81,12 @@ def linear(in_features: int, out_features: int, init: Init, bias: bool = True) -
 
 
 def group_norm(num_channels: int, eps: float) -> nn.GroupNorm:
-    # Trap: the number of groups is min(32, C // 4), not always 32 (networks.md §6.8).
+    # Trap: the number of groups is min(32, C // 4), not always 32.
     return nn.GroupNorm(min(32, num_channels // 4), num_channels, eps=eps)
 
 
 class Conv2d(nn.Module):
-    """A 2-D convolution with optional 2× up- or downsampling by a fixed FIR filter (networks.md §1).
+    """A 2-D convolution with optional 2× up- or downsampling by a fixed FIR filter.
 
     `kernel=0` makes a pure resampler without weight or bias (ADM's up/down skips). Resampling happens before the
     convolution, except in the fused down path of NCSN++'s aux_residual (convolve, then filter with stride 2).
@@ -110,7 +109,7 @@ class Conv2d(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         # Trap: `resample_filter` is a persistent buffer, registered only on up/down convolutions, so that the
-        # state_dict lists it exactly where the checkpoints do (networks.md §6.3). Value: the outer product of
+        # state_dict lists it exactly where the checkpoints do. Value: the outer product of
         # the 1-D filter, normalised to sum 1: [1,1] -> 2x2 of 0.25, [1,3,3,1] -> 4x4 binomial.
         f = torch.as_tensor(resample_filter, dtype=torch.float32)
         f = (torch.outer(f, f) / f.sum() ** 2)[None, None]                        # [1, 1, F, F]
@@ -158,7 +157,7 @@ class FourierEmbedding(nn.Module):
 
     def __init__(self, num_channels: int, scale: float = 16.0):
         super().__init__()
-        # Trap: `freqs` is random at init, so it must come from the checkpoint (networks.md §6.6).
+        # Trap: `freqs` is random at init, so it must come from the checkpoint.
         self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                           # x: [B] -> [B, C]
@@ -170,7 +169,7 @@ def interleaved_qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor
     """Multi-head self-attention over the H·W positions of an EDM `qkv` conv output [B, 3C, H, W] -> [B, C, H, W].
 
     Trap: q, k and v are interleaved per channel, qkv channel (head·c_head + c)·3 + {0: q, 1: k, 2: v}; they are
-    not three contiguous blocks, so no chunk(3) (networks.md §6.1). softmax(qᵀk/√c_head)·v is computed in float32
+    not three contiguous blocks, so no chunk(3). softmax(qᵀk/√c_head)·v is computed in float32
     even under autocast, as EDM's AttentionOp does: bf16 logits lose too much precision.
     """
     B, C3, H, W = qkv.shape
@@ -184,7 +183,7 @@ def interleaved_qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The residual block shared by both UNets (networks.md §1 "UNetBlock")
+# The residual block shared by both UNets (EDM's "UNetBlock")
 
 class UNetBlock(nn.Module):
     """GroupNorm-SiLU-conv, embedding injection, GroupNorm-SiLU-dropout-conv, skip, then optional self-attention.
@@ -211,7 +210,7 @@ class UNetBlock(nn.Module):
         self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
         affine_channels = out_channels * (2 if adaptive_scale else 1)
 
-        # Registration order = state_dict order (networks.md §1): norm0, conv0, affine, norm1, conv1, skip, attn.
+        # Registration order = state_dict order: norm0, conv0, affine, norm1, conv1, skip, attn.
         self.norm0 = group_norm(in_channels, eps)
         self.conv0 = Conv2d(in_channels, out_channels, 3, init, up=up, down=down, resample_filter=resample_filter)
         self.affine = linear(emb_channels, affine_channels, init)
@@ -220,7 +219,7 @@ class UNetBlock(nn.Module):
         self.skip = None
         if out_channels != in_channels or up or down:
             # Trap: a same-width up/down skip without resample_proj (ADM) has kernel 0: a pure resampler with no
-            # weight or bias, only `skip.resample_filter` (networks.md §6.5).
+            # weight or bias, only `skip.resample_filter`.
             kernel = 1 if resample_proj or out_channels != in_channels else 0
             self.skip = Conv2d(in_channels, out_channels, kernel, init, up=up, down=down,
                                resample_filter=resample_filter)
@@ -324,7 +323,7 @@ def _drop_labels(class_labels: torch.Tensor, label_dropout: float) -> torch.Tens
 # SongUNet: DDPM++ ("vp" checkpoints) and NCSN++ ("ve" checkpoints)
 
 class SongUNet(nn.Module):
-    """DDPM++ / NCSN++ as re-implemented by EDM (networks.md §2). Arguments and defaults are EDM's constructor's;
+    """DDPM++ / NCSN++ as re-implemented by EDM. Arguments and defaults are EDM's constructor's;
     the CIFAR-10 checkpoints use the presets in SONGUNET_CONFIGS (note channel_mult [2,2,2], not the default)."""
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
@@ -356,7 +355,7 @@ class SongUNet(nn.Module):
                      resample_filter=resample_filter, resample_proj=True, adaptive_scale=False, init=init,
                      init_zero=init_zero, init_attn=init_attn, s_embedding=s_embedding)
 
-        # Mapping network (networks.md §2.3). Registration order = checkpoint order.
+        # Mapping network. Registration order = checkpoint order.
         if embedding_type == "positional":
             self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
         else:
@@ -366,7 +365,7 @@ class SongUNet(nn.Module):
         self.map_layer0 = linear(noise_channels, emb_channels, init)
         self.map_layer1 = linear(emb_channels, emb_channels, init)
 
-        # Encoder (networks.md §2.4): every output except the aux path is pushed on the skip stack.
+        # Encoder: every output except the aux path is pushed on the skip stack.
         self.enc = nn.ModuleDict()
         cout, caux = in_channels, in_channels
         skip_channels = []
@@ -388,7 +387,7 @@ class SongUNet(nn.Module):
                 self.enc[f"{res}x{res}_block{i}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
                 skip_channels.append(cout)
 
-        # Decoder (networks.md §2.5): num_blocks + 1 blocks per level, each eating one skip; attention only in the
+        # Decoder: num_blocks + 1 blocks per level, each eating one skip; attention only in the
         # last block of a level (and in the bottleneck's in0).
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -406,17 +405,17 @@ class SongUNet(nn.Module):
         self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3, init_zero)
 
         if s_embedding:
-            # CTM's separate MLP for s on the same noise (and label) embedding (networks.md §7.1).
+            # CTM's separate MLP for s on the same noise (and label) embedding, as in CTM's SongUNet.
             self.map_layer0_s = linear(noise_channels, emb_channels, init)
             self.map_layer1_s = linear(emb_channels, emb_channels, init)
 
     def _embed_noise(self, c_noise: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         e = self.map_noise(c_noise)                                                # [B, C_noise] = [cos | sin]
-        # Trap: SongUNet swaps the halves to [sin | cos] (networks.md §6.2); DhariwalUNet does not.
+        # Trap: SongUNet swaps the halves to [sin | cos]; DhariwalUNet does not.
         e = e.reshape(e.shape[0], 2, -1).flip(1).reshape(e.shape)
         if self.map_label is not None:
             # Trap: the one-hot is scaled by sqrt(label_dim) and enters before the MLP, through a Linear with a
-            # bias (networks.md §6.4); DhariwalUNet does neither.
+            # bias; DhariwalUNet does neither.
             e = e + self.map_label(class_labels * math.sqrt(self.label_dim))
         return e
 
@@ -462,7 +461,7 @@ class SongUNet(nn.Module):
 # DhariwalUNet: ADM ("adm" checkpoint, ImageNet-64)
 
 class DhariwalUNet(nn.Module):
-    """ADM as re-implemented by EDM (networks.md §4): scale/shift conditioning, attention in every block at the
+    """ADM as re-implemented by EDM: scale/shift conditioning, attention in every block at the
     attention resolutions, 64 channels per head, weightless up/down skips."""
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
@@ -482,13 +481,13 @@ class DhariwalUNet(nn.Module):
         block = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, skip_scale=1.0, eps=1e-5,
                      resample_proj=False, adaptive_scale=True, init=init, init_zero=init_zero, s_embedding=s_embedding)
 
-        # Mapping network (networks.md §4.3). Registration order = checkpoint order.
+        # Mapping network. Registration order = checkpoint order.
         self.map_noise = PositionalEmbedding(model_channels, endpoint=False)
         self.map_augment = linear(augment_dim, model_channels, init_zero, bias=False) if augment_dim else None
         self.map_layer0 = linear(model_channels, emb_channels, init)
         self.map_layer1 = linear(emb_channels, emb_channels, init)
         # Trap: no bias, applied after map_layer1 to the raw one-hot; the √label_dim lives in the init instead of
-        # the input (kaiming_normal × √label_dim = N(0, 1) entries) (networks.md §6.4).
+        # the input (kaiming_normal × √label_dim = N(0, 1) entries).
         self.map_label = (linear(label_dim, emb_channels, Init("kaiming_normal", weight=math.sqrt(label_dim)),
                                  bias=False) if label_dim else None)
 
@@ -523,7 +522,7 @@ class DhariwalUNet(nn.Module):
         self.out_conv = Conv2d(cout, out_channels, 3, init_zero)
 
         if s_embedding:
-            # CTM's separate MLP for s (CTM's ADM: `time_embed_s`; networks.md §7.2), on the same sinusoid.
+            # CTM's separate MLP for s (CTM's ADM: `time_embed_s`), on the same sinusoid.
             self.map_layer0_s = linear(model_channels, emb_channels, init)
             self.map_layer1_s = linear(emb_channels, emb_channels, init)
 
@@ -544,7 +543,7 @@ class DhariwalUNet(nn.Module):
         emb = F.silu(e)
         emb_s = None
         if self.s_embedding:
-            # As in CTM's ADM student, s gets its own MLP and no class embedding (networks.md §7.2).
+            # As in CTM's ADM student, s gets its own MLP and no class embedding.
             emb_s = F.silu(self.map_layer1_s(F.silu(self.map_layer0_s(self.map_noise(noise_labels_s)))))
 
         skips = []
@@ -560,9 +559,9 @@ class DhariwalUNet(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Named configurations: constructor kwargs. The paper ones are those of the published checkpoints (EDM train.py
-# presets; networks.md §2.1, §4.1; shared/fixtures/edm_state_dict_inventory.json). The tiny ones are ours, sized to
-# train on 2 CPU cores; they keep each architecture's structure (attention level, bottleneck, aux path).
+# Named configurations: constructor kwargs. The paper ones are those of the published checkpoints (EDM's train.py
+# presets). The tiny ones are ours, sized to train on 2 CPU cores; they keep each architecture's structure
+# (attention level, bottleneck, aux path).
 
 _DDPMPP = dict(embedding_type="positional", encoder_type="standard", decoder_type="standard", channel_mult_noise=1,
                resample_filter=[1, 1])

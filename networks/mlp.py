@@ -9,8 +9,8 @@ where `x` is the already-preconditioned input c_in·x, `noise_labels` is [B] (ED
 only when the network is built with `s_embedding=True`. Like the image networks it knows nothing of the
 algorithms: every c_skip/c_out lives in `algorithms/`.
 
-The s-path follows CTM's design for the UNets (Kim et al. 2024, networks.md §7): a separate MLP on the same
-noise embedding, whose output enters every block through its own affine layer added to the time conditioning.
+The s-path follows CTM's design for the UNets (Kim et al., arXiv:2310.02279v3, as in its code): a separate MLP on
+the same noise embedding, whose output enters every block through its own affine layer added to the time conditioning.
 Those per-block layers are zero-initialised, so a student loaded from a teacher (the s-keys are then the only
 missing ones) computes exactly the teacher's function for every s at initialisation.
 """

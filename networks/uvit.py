@@ -1,12 +1,12 @@
 """U-ViT: a ViT backbone for diffusion, with the project's call signature and CTM's s as one more token.
 
 F. Bao, S. Nie, K. Xue, Y. Cao, C. Li, H. Su, J. Zhu, "All are Worth Words: A ViT Backbone for Diffusion
-Models", CVPR 2023, arXiv:2209.12152 (§3; details as summarised in shared/papers/networks.md §8).
+Models", CVPR 2023, arXiv:2209.12152 (details of the architecture from its public code, baofff/U-ViT).
 
 Everything is a token: the image as p×p patches (a strided conv), the time as one token (a sinusoid, optionally
 through an MLP), the class as one token. A plain pre-LN transformer of depth+1 blocks runs on them; out-block j
 first fuses its input with in-block (depth/2 − 1 − j)'s output, Linear(concat[x, skip]) ("long skips").
-The patch tokens are mapped back to pixels and a 3×3 conv follows (networks.md §8.1).
+The patch tokens are mapped back to pixels and a 3×3 conv follows.
 
     tokens = [label?, time, patch_1 … patch_L] + pos_embed          L = (img_resolution / p)²
     h_i    = Block_i(h_{i−1})                                       i = 1 … depth/2          (in_blocks)
@@ -14,16 +14,15 @@ The patch tokens are mapped back to pixels and a 3×3 conv follows (networks.md 
     h'_j   = Block'_j(Linear([h'_{j−1}, h_{depth/2+1−j}]))          j = 1 … depth/2          (out_blocks)
     F      = Conv3×3(unpatchify(Linear(LN(h')[patches])))
 
-Written from networks.md §8 (U-ViT's published architecture); no code copied. Module names follow the official
-code's as listed there (`patch_embed.proj`, `pos_embed`, `in_blocks.i.attn.qkv`, …); U-ViT-S/2 has the paper's
-44M parameters.
+Written from U-ViT's published architecture; no code copied. Module names follow the official code's
+(`patch_embed.proj`, `pos_embed`, `in_blocks.i.attn.qkv`, …); U-ViT-S/2 has the paper's 44M parameters.
 
 Two additions of ours:
 - Time input. U-ViT was trained on 999·t_VP; EDM hands networks c_noise = ln(σ)/4, about −1.6…1.1 on
   σ ∈ [0.002, 80], which would only reach the top frequencies of a max-period-10000 sinusoid and make noise levels
-  nearly indistinguishable (networks.md §8.3). We embed TIME_SCALE·c_noise = 250·ln σ (−1554…1095), the range CM
+  nearly indistinguishable. We embed TIME_SCALE·c_noise = 250·ln σ (−1554…1095), the range CM
   and CTM feed their ADM UNet.
-- CTM's s (networks.md §8.4, our design): one extra token, the same sinusoid of 250·ln s (through its own MLP
+- CTM's s (our design; neither paper has it): one extra token, the same sinusoid of 250·ln s (through its own MLP
   `time_embed_s` when mlp_time_embed), plus its own position row `pos_embed_s`. All base keys are unchanged, so
   a U-ViT teacher's weights load with only the `_s` keys missing. Unlike the UNets' zero-initialised affine_s,
   a new token changes every attention softmax, so such a student does not start exactly at its teacher.
@@ -45,7 +44,7 @@ from torch import nn
 
 from networks.edm_unet import check_inputs
 
-TIME_SCALE = 1000.0  # embed 1000·c_noise = 250·ln σ, not c_noise itself (module docstring, networks.md §8.3)
+TIME_SCALE = 1000.0  # embed 1000·c_noise = 250·ln σ, not c_noise itself (module docstring)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -113,7 +112,7 @@ def _time_mlp(dim: int) -> nn.Sequential:
 
 
 class UViT(nn.Module):
-    """U-ViT (networks.md §8.1) with forward(x, noise_labels, class_labels, noise_labels_s, augment_labels)."""
+    """U-ViT (module docstring) with forward(x, noise_labels, class_labels, noise_labels_s, augment_labels)."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, patch_size: int = 2,
                  embed_dim: int = 512, depth: int = 12, num_heads: int = 8, mlp_ratio: float = 4.0,
@@ -188,7 +187,7 @@ class UViT(nn.Module):
         return self.final_layer(h).to(dtype)
 
 
-# Named configurations: constructor kwargs. The paper's CIFAR-10 U-ViT-S/2 (networks.md §8.2: 13 blocks of width
+# Named configurations: constructor kwargs. The paper's CIFAR-10 U-ViT-S/2 (its public config: 13 blocks of width
 # 512, 8 heads, patch 2, 44,255,328 parameters); the tiny ones are ours, for 2 CPU cores.
 UVIT_CONFIGS = {
     "cifar10-uvit-s2": dict(img_resolution=32, img_channels=3, patch_size=2, embed_dim=512, depth=12, num_heads=8,

@@ -1,5 +1,5 @@
-"""DDIM, inverse DDIM and aDDIM (Heek et al. 2024, arXiv:2403.06807v3, Sec. 3, Alg. 3): the identities of
-mcm_addim.md §5, in float64, and aDDIM against the closed form on Gaussian data."""
+"""DDIM, inverse DDIM and aDDIM (Heek et al. 2024, arXiv:2403.06807v3, Sec. 3, Alg. 3): the identities the
+paper's Eqs. 4, 5 and 14 imply, in float64, and aDDIM against the closed form on Gaussian data."""
 import math
 
 import torch
@@ -21,7 +21,7 @@ def draw(seed, B=5, d=3):
 
 
 def vp(sigma):
-    """VP coefficients α, σ of a VE noise level (mcm_addim.md §1.3): α = 1/sqrt(1 + σ²), σ_VP = σ·α."""
+    """VP coefficients α, σ of a VE noise level (docs/mcm_vp_ve.md): α = 1/sqrt(1 + σ²), σ_VP = σ·α."""
     alpha = 1 / math.sqrt(1 + sigma**2)
     return alpha, sigma * alpha
 
@@ -40,7 +40,7 @@ def test_inverse_ddim_inverts_ddim_and_ddim_inverts_inverse_ddim(sigma_t, ratio,
 @settings(max_examples=50, deadline=None)
 @given(sigmas, ratios, st.integers(0, 2**31), st.floats(0.0, 2.0))
 def test_ve_updates_are_the_papers_vp_updates_divided_by_alpha_s(sigma_t, ratio, seed, x_var):
-    """§5 item 6: Eq. 4, Eq. 5 and Eq. 14 written in VP form, mapped with z = α x_VE, then divided by α_s."""
+    """Eq. 4, Eq. 5 and Eq. 14 written in VP form, mapped with z = α x_VE, then divided by α_s."""
     sigma_s = ratio * sigma_t
     (a_t, s_t), (a_s, s_s) = vp(sigma_t), vp(sigma_s)
     x_hat, x_t, x_s = draw(seed)
@@ -60,7 +60,7 @@ def test_ve_updates_are_the_papers_vp_updates_divided_by_alpha_s(sigma_t, ratio,
 @settings(max_examples=50, deadline=None)
 @given(sigmas, ratios, st.integers(0, 2**31))
 def test_ddim_with_the_true_x_gives_the_forward_sample(sigma_t, ratio, seed):
-    """§5 item 2: DDIM_{t→s}(x, α_t x + σ_t ε) = α_s x + σ_s ε; in VE form x + σ_s ε."""
+    """DDIM_{t→s}(x, α_t x + σ_t ε) = α_s x + σ_s ε; in VE form x + σ_s ε."""
     sigma_s = ratio * sigma_t
     x, eps, _ = draw(seed)
     torch.testing.assert_close(addim.ddim(x, x + sigma_t * eps, sigma_t, sigma_s), x + sigma_s * eps,
@@ -90,7 +90,7 @@ def test_addim_with_zero_x_var_is_ddim(sigma_t, ratio, seed):
 @settings(max_examples=50, deadline=None)
 @given(sigmas, ratios, st.integers(0, 2**31))
 def test_addim_norm_identity_and_extra_component_parallel_to_eps_hat(sigma_t, ratio, seed):
-    """§5 item 5 (Eq. 14): ‖x_s^aDDIM − x̂‖² = ‖x_s^DDIM − x̂‖² + d(1 − σ_s/σ_t)² x_var per example, and
+    """Eq. 14: ‖x_s^aDDIM − x̂‖² = ‖x_s^DDIM − x̂‖² + d(1 − σ_s/σ_t)² x_var per example, and
     aDDIM − DDIM is a non-negative multiple of ε̂. Per-example x_var."""
     sigma_s = ratio * sigma_t
     x_hat, x_t, u = draw(seed, B=6, d=4)

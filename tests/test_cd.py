@@ -1,4 +1,5 @@
-"""Consistency distillation (algorithms/cd.py) against the identities of cd.md §11, with exact toy teachers."""
+"""Consistency distillation (algorithms/cd.py, Song et al., arXiv:2303.01469v2) against the identities of its Sec. 3
+and Alg. 1–2, with exact toy teachers."""
 import copy
 import math
 
@@ -24,7 +25,8 @@ class Constant(torch.nn.Module):
 
 class Exact(torch.nn.Module):
     """The network F that makes f_θ the exact consistency function of Gaussian data N(0, σ_d² I):
-    f*(x, t) = sqrt((ε² + σ_d²)/(t² + σ_d²))·x (cd.md §11), solved for F from f = c_skip·x + c_out·F."""
+    f*(x, t) = sqrt((ε² + σ_d²)/(t² + σ_d²))·x (the PF-ODE of Gaussian data solved from t to ε), solved for F from
+    f = c_skip·x + c_out·F."""
 
     def __init__(self, cfg, outer=None):
         super().__init__()
@@ -34,7 +36,8 @@ class Exact(torch.nn.Module):
         t = (4 * noise_labels.to(torch.float64)).exp()                      # c_noise = ln t / 4
         x = x_in * edm.bcast((t**2 + SD**2).sqrt(), x_in)                   # undo c_in
         if self.outer is None:
-            c_skip, c_out = cd.cm_scalings(self.cfg, t)
+            eps = self.cfg.sigma_min                                          # CM App. C, written out
+            c_skip, c_out = SD**2 / ((t - eps) ** 2 + SD**2), SD * (t - eps) / (SD**2 + t**2).sqrt()
         else:
             c_skip, c_out = self.outer(t, torch.full_like(t, self.cfg.sigma_min))
         f_star = edm.bcast(((self.cfg.sigma_min**2 + SD**2) / (t**2 + SD**2)).sqrt(), x) * x
@@ -115,13 +118,23 @@ def test_only_the_student_receives_gradient():
 
 def test_distances_vanish_on_equal_inputs_and_pseudo_huber_interpolates():
     a = torch.randn(7, 4, dtype=torch.float64)
-    cfg = cd.Config()
-    for d in cd.DISTANCES.values():
-        assert torch.equal(d(a, a, cfg), torch.zeros(7, dtype=torch.float64))
-    c = cfg.huber_c * 2  # sqrt(d) = 2
+    for d in (edm.squared_l2, edm.l2, edm.pseudo_huber):
+        assert torch.equal(d(a, a), torch.zeros(7, dtype=torch.float64))
+    c = 0.00054 * 2  # iCT: c = 0.00054·sqrt(d), sqrt(d) = 2
     small, large = a + 1e-7, a + 1e3
-    assert torch.allclose(cd.pseudo_huber(a, small, cfg), (small - a).square().sum(1) / (2 * c), rtol=1e-3)
-    assert torch.allclose(cd.pseudo_huber(a, large, cfg), cd.l2(a, large, cfg), rtol=1e-6)
+    # atol = 0: the small-distance values are about 2e-11, below allclose's default atol of 1e-8
+    assert torch.allclose(edm.pseudo_huber(a, small), (small - a).square().sum(1) / (2 * c), rtol=1e-6, atol=0)
+    assert torch.allclose(edm.pseudo_huber(a, large), (large - a).square().sum(1).sqrt() - c, rtol=1e-9, atol=0)
+    assert torch.allclose(edm.squared_l2(a, large), (large - a).square().mean(1), rtol=1e-12, atol=0)
+
+
+def test_the_loss_uses_the_distance_it_is_given():
+    ds = toy.gaussian(std=SD, dim=2)
+    x, _ = ds.sample(64, torch.Generator().manual_seed(0))
+    cfg, student, target = cd.Config(), Constant(torch.zeros_like(x)), Exact(cd.Config())
+    L = lambda d: cd.loss(cfg, student, target, ds.denoiser, x, generator=torch.Generator().manual_seed(1),
+                          distance=d)
+    torch.testing.assert_close(L(edm.l2), L(edm.squared_l2).mul(2).sqrt(), rtol=1e-12, atol=0.0)  # d = 2 dims
 
 
 def test_sampling_with_exact_consistency_fn_lands_on_teacher_ode():
@@ -133,7 +146,7 @@ def test_sampling_with_exact_consistency_fn_lands_on_teacher_ode():
     path = []
     x1 = cd.sample(cfg, Exact(cfg), noise, nfe=1, path=path)
     assert len(path) == 2 and torch.equal(path[0], noise * cfg.sigma_max)
-    assert torch.allclose(x1, ds.ode(noise * cfg.sigma_max, cfg.sigma_max, cfg.sigma_min), rtol=1e-6)
+    assert torch.allclose(x1, ds.ode(noise * cfg.sigma_max, cfg.sigma_max, cfg.sigma_min), rtol=1e-6, atol=1e-12)
     path = []
     x3 = cd.sample(cfg, Exact(cfg), noise, nfe=3, generator=torch.Generator().manual_seed(1), path=path)
     assert len(path) == 6

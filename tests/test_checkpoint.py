@@ -1,16 +1,12 @@
 """The checkpoint importer: EDM pickles are read without running anything from them, and give back the network.
 
-The test pickles are built here in NVlabs' persistence layout (shared/papers/edm.md §7): every network object is
-a call `torch_utils.persistence._reconstruct_persistent_obj(meta)` whose `meta['module_src']` would, if executed,
-write a marker file and raise; the nn.ModuleDicts are pickled by torch's ordinary reduction, tensors by torch's
-reducers, a few constructor floats are numpy scalars and dataset_kwargs is a dnnlib EasyDict, as in the real files.
+The test pickles are written in NVlabs' persistence layout by tests/edm_pickle.py, armed: every network object's
+`meta['module_src']` would, if executed, write a marker file and raise.
 """
 import io
 import os
 import pickle
 import sys
-import types
-from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -21,6 +17,7 @@ from torch import nn
 from networks.checkpoint import (CheckpointError, load_edm_pickle, load_state_dict_file, load_teacher_into_student,
                                  read_state_dict_file)
 from networks.edm_unet import DHARIWALUNET_CONFIGS, SONGUNET_CONFIGS, DhariwalUNet, SongUNet
+from tests.edm_pickle import nvlabs_modules, write_edm_pickle
 
 CASES = [pytest.param(SongUNet, SONGUNET_CONFIGS["tiny-ddpmpp-cond-32"], id="ddpmpp-cond"),
          pytest.param(SongUNet, SONGUNET_CONFIGS["tiny-ncsnpp-16"], id="ncsnpp"),      # random Fourier buffer
@@ -29,7 +26,7 @@ CASES = [pytest.param(SongUNet, SONGUNET_CONFIGS["tiny-ddpmpp-cond-32"], id="ddp
 
 @pytest.fixture(autouse=True)
 def seeded():
-    torch.manual_seed(0)                                                    # initialisations do not depend on test order
+    torch.manual_seed(0)  # initialisations do not depend on test order
 
 
 def perturb_(net, seed=0, scale=0.1):
@@ -51,38 +48,7 @@ def inputs(net, B=3, seed=0):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Writing pickles in the EDM persistence layout
-
-class Persistent:
-    """Pickles as `_reconstruct_persistent_obj(meta)`, as NVlabs' persistent classes do."""
-
-    def __init__(self, class_name, state, module_src):
-        self.meta = dict(type="class", version=6, module_src=module_src, class_name=class_name, state=state)
-
-    def __reduce__(self):
-        return sys.modules["torch_utils.persistence"]._reconstruct_persistent_obj, (self.meta,)
-
-
-@pytest.fixture
-def edm_modules(monkeypatch):
-    """Fake `torch_utils.persistence` and `dnnlib.util` to pickle by name. Their `_reconstruct_persistent_obj`
-    does what NVlabs' does on a normal load: exec module_src. Removed again after the test."""
-    persistence = types.ModuleType("torch_utils.persistence")
-
-    def _reconstruct_persistent_obj(meta):
-        exec(compile(meta["module_src"], "<module_src>", "exec"), {})
-        return meta
-
-    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    util = types.ModuleType("dnnlib.util")
-    util.EasyDict = type("EasyDict", (dict,), {"__module__": "dnnlib.util"})
-    for name, module in {"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
-                         "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util}.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    return util
-
+# Writing pickles in the EDM persistence layout (tests/edm_pickle.py), armed: module_src writes a marker and raises
 
 @pytest.fixture
 def marker(tmp_path):
@@ -93,42 +59,10 @@ def hostile_src(marker):
     return f"open({str(marker)!r}, 'w').write('pwned')\nraise RuntimeError('module_src was executed')\n"
 
 
-def edm_layout(module, src):
-    """Our module tree as NVlabs' pickles hold it: persistent records, except plain torch ModuleDicts."""
-    children = OrderedDict((k, edm_layout(v, src)) for k, v in module._modules.items())
-    if type(module) is nn.ModuleDict:
-        holder = nn.ModuleDict()
-        holder.__dict__["_modules"] = children
-        return holder
-    state = dict(module.__dict__, _modules=children, _init_args=(), _init_kwargs={})
-    if "skip_scale" in state:                                               # EDM stores np.sqrt(0.5) here
-        state["skip_scale"] = np.float64(state["skip_scale"])
-        state["_init_kwargs"] = dict(skip_scale=np.float64(state["skip_scale"]))
-    return Persistent(type(module).__name__, state, src)
-
-
-def edm_pickle_bytes(net, kwargs, src, util, precond="EDMPrecond", **extra):
-    model = edm_layout(net, src)
-    model.meta["state"]["_init_kwargs"] = dict(kwargs, dropout=np.float64(kwargs["dropout"]))
-    ema_state = dict(training=False, _parameters=OrderedDict(), _buffers=OrderedDict(),
-                     _non_persistent_buffers_set=set(), _modules=OrderedDict(model=model), _init_args=(),
-                     img_resolution=net.img_resolution, img_channels=net.img_channels, label_dim=net.label_dim,
-                     use_fp16=False, sigma_min=0.0, sigma_max=float("inf"), sigma_data=0.5,
-                     _init_kwargs=dict(kwargs, model_type=type(net).__name__))
-    data = dict(ema=Persistent(precond, ema_state, src),
-                loss_fn=Persistent("EDMLoss", dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5), src),
-                augment_pipe=None,
-                dataset_kwargs=util.EasyDict(class_name="training.dataset.ImageFolderDataset", path="cifar10.zip"),
-                **extra)
-    return pickle.dumps(data)
-
-
 @pytest.fixture
-def write_pkl(tmp_path, edm_modules, marker):
+def write_pkl(tmp_path, marker):
     def write(net, kwargs, name="edm.pkl", **kw):
-        path = tmp_path / name
-        path.write_bytes(edm_pickle_bytes(net, kwargs, hostile_src(marker), edm_modules, **kw))
-        return path
+        return write_edm_pickle(tmp_path / name, net, kwargs, hostile_src(marker), **kw)
     return write
 
 
@@ -136,12 +70,10 @@ def write_pkl(tmp_path, edm_modules, marker):
 # Loading
 
 @pytest.mark.parametrize("cls,kwargs", CASES)
-def test_edm_pickle_loads_without_running_module_src_and_reproduces_outputs(cls, kwargs, write_pkl, marker,
-                                                                           monkeypatch):
+def test_edm_pickle_loads_without_running_module_src_and_reproduces_outputs(cls, kwargs, write_pkl, marker):
     net = perturb_(cls(**kwargs)).eval()
     path = write_pkl(net, kwargs)
-    for name in ("torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util"):
-        monkeypatch.delitem(sys.modules, name)                              # nothing of NVlabs' is importable
+    assert not {"torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util"} & set(sys.modules)  # none of NVlabs'
     ckpt = load_edm_pickle(path)
     assert not marker.exists()
     assert type(ckpt.net) is cls and ckpt.net_kwargs == kwargs and not ckpt.net.training
@@ -155,7 +87,7 @@ def test_the_test_pickle_is_armed(write_pkl, marker):
     # The same bytes through a normal unpickler (NVlabs' loader execs module_src) do run the hostile code,
     # so the test above would notice if load_edm_pickle ever executed it.
     path = write_pkl(SongUNet(**SONGUNET_CONFIGS["tiny-ddpmpp-8"]), SONGUNET_CONFIGS["tiny-ddpmpp-8"])
-    with pytest.raises(RuntimeError, match="module_src was executed"):
+    with nvlabs_modules(), pytest.raises(RuntimeError, match="module_src was executed"):
         pickle.loads(path.read_bytes())
     assert marker.read_text() == "pwned"
 
@@ -311,3 +243,90 @@ def test_numpy_scalars_of_numpy_1_and_2_pickles_are_numbers_and_object_scalars_a
     scalar = np.float64(1.0).__reduce__()[0]                                # numpy's scalar reconstructor
     with pytest.raises(pickle.UnpicklingError, match="refused numpy scalar of dtype"):
         load(pickle.dumps(CallsGlobal(scalar, np.dtype(object), "an object")))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Storage records: the nested legacy torch.save blob of every tensor, read by our own strict reader
+
+def legacy_storage_blob(values, dtype_class, location="cpu", body=None, trailing=b"", little_endian=True):
+    """A storage record in torch's legacy torch.save layout, written out from the format itself: the pickles of the
+    magic number 0x1950a86a20f9469cfc6c, protocol 1001 and a sys_info dict; the object (here the storage, as the
+    persistent id ('storage', <dtype>Storage, key, location, numel, None)); the key list; then an int64 element
+    count and the raw little-endian bytes."""
+    raw = values.numpy().tobytes()
+
+    class P(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", dtype_class, "0", location, values.numel(), None) if obj is values else None
+
+    out = io.BytesIO()
+    for head in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": little_endian,
+                                                "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(head, out, protocol=2)
+    P(out, protocol=2).dump(values if body is None else body)
+    pickle.dump(["0"], out, protocol=2)
+    return out.getvalue() + values.numel().to_bytes(8, "little") + raw + trailing
+
+
+def load_restricted(data):
+    from networks.checkpoint import _RestrictedUnpickler
+    return _RestrictedUnpickler(io.BytesIO(data)).load()
+
+
+def storage_call(blob):
+    return pickle.dumps(CallsGlobal(torch.storage._load_from_bytes, blob))
+
+
+@pytest.mark.parametrize("dtype,cls", [(torch.float32, torch.FloatStorage), (torch.float16, torch.HalfStorage),
+                                       (torch.int64, torch.LongStorage), (torch.uint8, torch.ByteStorage)])
+def test_storage_records_are_read_to_cpu_whatever_device_they_were_saved_from(dtype, cls):
+    values = (torch.arange(7) * 3 - 5).to(dtype) if dtype != torch.uint8 else torch.arange(7, dtype=dtype) * 30
+    for location in ("cpu", "cuda:0"):
+        storage = load_restricted(storage_call(legacy_storage_blob(values, cls, location)))
+        t = torch.empty(0, dtype=dtype).set_(storage._untyped_storage)
+        assert storage.dtype == dtype and t.device.type == "cpu" and torch.equal(t, values)
+
+
+def test_tensors_pickled_by_torch_itself_round_trip():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g, dtype=torch.float64),
+               torch.randn(2, 3, generator=g).bfloat16(), torch.randn(4, 4, generator=g)[1:, ::2],
+               nn.Parameter(torch.randn(3, generator=g)), torch.tensor([True, False])]
+    for t in tensors:
+        back = load_restricted(pickle.dumps(t))
+        assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t)
+
+
+def test_a_storage_record_may_hold_a_storage_and_nothing_else(marker):
+    values = torch.arange(4.0)
+    bad = {
+        "a global that runs code": (legacy_storage_blob(values, torch.FloatStorage,
+                                                        body=CallsGlobal(os.system, f"touch {marker}")),
+                                    r"refused global (posix|nt)\.system in a storage record"),
+        "a tensor's rebuild function": (legacy_storage_blob(values, torch.FloatStorage,
+                                                            body=CallsGlobal(torch._utils._rebuild_tensor_v2)),
+                                        r"refused global torch\._utils\._rebuild_tensor_v2 in a storage record"),
+        "a dict around the storage": (legacy_storage_blob(values, torch.FloatStorage, body={"s": values}),
+                                      "holding a dict, not a storage"),
+        "a wrong element count": (legacy_storage_blob(values, torch.FloatStorage)[:-4], "bytes for 4 elements"),
+        "trailing bytes": (legacy_storage_blob(values, torch.FloatStorage, trailing=b"\0"), "bytes for 4 elements"),
+        "not a storage class": (legacy_storage_blob(values, torch.Tensor), r"refused global torch\.Tensor"),
+    }
+    for what, (blob, match) in bad.items():
+        with pytest.raises(pickle.UnpicklingError, match=match):
+            load_restricted(storage_call(blob))
+    with pytest.raises(pickle.UnpicklingError, match="little-endian"):
+        load_restricted(storage_call(legacy_storage_blob(values, torch.FloatStorage, little_endian=False)))
+    assert not marker.exists()
+
+
+def test_the_network_is_built_without_running_its_initialisation(write_pkl):
+    kwargs = SONGUNET_CONFIGS["tiny-ddpmpp-8"]                              # no random Fourier buffer
+    path = write_pkl(perturb_(SongUNet(**kwargs)).eval(), kwargs)
+    SongUNet(**kwargs)
+    state = torch.random.get_rng_state()
+    SongUNet(**kwargs)
+    assert not torch.equal(torch.random.get_rng_state(), state)             # initialising draws random numbers
+    state = torch.random.get_rng_state()
+    load_edm_pickle(path)
+    assert torch.equal(torch.random.get_rng_state(), state)                 # loading does not

@@ -1,5 +1,6 @@
-"""Tests for algorithms/ctm.py, named after the properties of CTM (Kim et al., arXiv:2310.02279v3) listed in
-ctm.md §12. Ground truth: Gaussian data N(0, σ_d²I), whose PF-ODE jump is G(x,t,s) = sqrt((s²+σ_d²)/(t²+σ_d²))·x,
+"""Tests for algorithms/ctm.py, named after the properties of CTM (Kim et al., arXiv:2310.02279v3): the jumper's
+boundary G_θ(x, t, t) = x, its combined coefficients, soft consistency matching's gradient path, the DSM term and
+γ-sampling. Ground truth: Gaussian data N(0, σ_d²I), whose PF-ODE jump is G(x,t,s) = sqrt((s²+σ_d²)/(t²+σ_d²))·x,
 and the exact toy denoisers of data/toy.py."""
 import copy
 import functools
@@ -14,6 +15,7 @@ from torch import nn
 from algorithms import analytic_precond, ctm, edm
 from algorithms.edm import SIGMA_DATA as sd, SIGMA_MAX, SIGMA_MIN
 from data import toy
+from networks.edm_unet import SongUNet
 from networks.mlp import MLP
 
 f64 = torch.float64
@@ -21,14 +23,15 @@ sigmas = st.floats(SIGMA_MIN, SIGMA_MAX)
 
 
 def ctm_beta_alpha(t, s):
-    """CTM's combined coefficients G_θ = β·x_t + α·NN_θ, ctm.md §1 (written out independently of ctm.py)."""
+    """CTM's combined coefficients G_θ = β·x_t + α·NN_θ: (s/t)·x_t + (1 − s/t)·(c_skip(t)·x_t + c_out(t)·NN_θ) with
+    EDM's c_skip, c_out, multiplied out (written out independently of ctm.py)."""
     return (sd**2 + s * t) / (sd**2 + t**2), sd * (t - s) / (sd**2 + t**2).sqrt()
 
 
 @functools.lru_cache
 def preconditioning(name):
-    """The statistics behind the `outer` argument: None (CTM's own β, α); Analytic-Precond with ℓ ≡ κ ≡ 0 (CTM again,
-    analytic_precond.md §3.8); with ℓ and κ fitted to the exact ring8 teacher on a small budget (30 λ-intervals,
+    """The statistics behind the `outer` argument: None (CTM's own β, α); Analytic-Precond with ℓ ≡ κ ≡ 0 (CTM again:
+    then f = s/t, g = 1 − s/t); with ℓ and κ fitted to the exact ring8 teacher on a small budget (30 λ-intervals,
     256 samples); with that ℓ and κ ≡ 0. The small fit's κ makes α reach ~1e28 for some grid pairs, too
     ill-conditioned for the exact-network tests below, which therefore use PRECONDS (all but the full fit)."""
     if name == "ctm":
@@ -60,7 +63,7 @@ def beta_alpha(name):
 
 
 def gaussian_jump(t, s):
-    """The exact PF-ODE jump factor for N(0, σ_d²I) data: G(x, t, s) = gaussian_jump(t, s)·x (ctm.md §12)."""
+    """The exact PF-ODE jump factor for N(0, σ_d²I) data: G(x, t, s) = gaussian_jump(t, s)·x."""
     return ((s**2 + sd**2) / (t**2 + sd**2)).sqrt()
 
 
@@ -101,7 +104,7 @@ def random_mlp(seed):
     return net
 
 
-# ---- the jumper (ctm.md §1) ---------------------------------------------------------------------------------
+# ---- the jumper ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", PRECONDS + ["analytic_ring8"])
 @settings(max_examples=50, deadline=None)
@@ -126,22 +129,23 @@ def test_ctm_jumper_has_combined_coefficients_beta_alpha(t, frac, seed):
 
 
 def test_analytic_precond_makes_a_zero_network_the_exact_gaussian_jump_where_ctm_gives_ddim():
-    """Gaussian data: ℓ_t = c_skip(t) exactly and κ ≡ 0 (analytic_precond.md §3.8), so with F_θ ≡ 0 the
+    """Gaussian data: ℓ_t = c_skip(t) exactly and κ ≡ 0, so with F_θ ≡ 0 the
     Analytic-Precond jumper is the exact jump up to the λ-grid quadrature, while CTM's is a first-order DDIM step
-    with the exact denoiser, exact only as s → t (ctm.md §12). Tolerance: the Analytic-Precond integrals are
+    with the exact denoiser, exact only as s → t. Tolerance: the Analytic-Precond integrals are
     trapezoid sums over a 121-point λ-grid (relative error ~1e-3 for ℓ = c_skip); CTM's errors are 2–99 %."""
     lam = analytic_precond.lambda_grid(analytic_precond.Config())
     stats = analytic_precond.Stats(lam, edm.precond((-lam).exp())[0], torch.zeros_like(lam))
     zero_net = lambda x_in, c_t, labels=None, noise_labels_s=None: torch.zeros_like(x_in)
     x = torch.randn(16, 2, dtype=f64, generator=torch.Generator().manual_seed(0))
+    analytic = lambda t_, s_: analytic_precond.coefficients(stats, t_, s_)
     for t, s in [(80.0, 2.5), (10.0, 0.5), (2.5, 0.002), (0.5, 0.1)]:
         exact = float(gaussian_jump(torch.tensor(t), torch.tensor(s))) * x
-        err = lambda outer_: float((ctm.G(zero_net, x, t, s, outer=outer_) - exact).abs().max())
-        analytic = lambda t_, s_: analytic_precond.coefficients(stats, t_, s_)
-        assert err(analytic) < 1e-2 * float(exact.abs().max()) and 10 * err(analytic) < err(None)
+        err_analytic = float((ctm.G(zero_net, x, t, s, outer=analytic) - exact).abs().max())
+        err_ctm = float((ctm.G(zero_net, x, t, s) - exact).abs().max())
+        assert err_analytic < 1e-2 * float(exact.abs().max()) and 10 * err_analytic < err_ctm
 
 
-# ---- (t, u, s) sampler (ctm.md §5) ------------------------------------------------------------------------------
+# ---- (t, u, s) sampler ---------------------------------------------------------------------------------------------
 
 def test_tus_sampler_satisfies_sigma_min_le_s_le_u_lt_t_on_the_grid():
     g = torch.Generator().manual_seed(0)
@@ -172,7 +176,7 @@ def test_number_of_teacher_steps_has_P_k_proportional_to_k():
     assert chi2(torch.full_like(k, 1 / K_max)) > critical
 
 
-# ---- CTM loss (ctm.md §4) -----------------------------------------------------------------------------------------
+# ---- CTM loss ------------------------------------------------------------------------------------------------------
 
 def draw(cfg, B, seed):
     g = torch.Generator().manual_seed(seed)
@@ -228,7 +232,7 @@ def test_loss_without_dsm_is_the_ctm_distance_at_x_t_equal_x0_plus_t_z():
     torch.testing.assert_close(L, ctm.ctm_distance(cfg, net, net, teacher, x_t, n, k, m), rtol=1e-12, atol=0.0)
 
 
-# ---- DSM and the adaptive balance (ctm.md §6) ---------------------------------------------------------------------
+# ---- DSM and the adaptive balance ----------------------------------------------------------------------------------
 
 class ExactDenoiserNet(nn.Module):
     """A raw network whose g_θ(x, σ, σ) is the exact ring8 denoiser, plus a constant offset δ."""
@@ -239,8 +243,9 @@ class ExactDenoiserNet(nn.Module):
 
     def forward(self, x_in, c_t, class_labels=None, noise_labels_s=None):
         sigma = (4 * c_t).exp()
-        c_skip, c_out, c_in, _ = edm.precond(sigma[:, None])
-        x = x_in / c_in
+        sig = sigma[:, None]                                                  # EDM Table 1, written out
+        c_skip, c_out = sd**2 / (sig**2 + sd**2), sig * sd / (sig**2 + sd**2).sqrt()
+        x = x_in * (sig**2 + sd**2).sqrt()                                    # undo c_in = 1/sqrt(σ² + σ_d²)
         return (self.D(x, sigma) - c_skip * x) / c_out + self.delta
 
 
@@ -258,7 +263,7 @@ def test_dsm_sigma_sampler_is_half_lognormal_half_karras_ramp():
     ln_first = sigma[:10000].log()
     assert abs(float(ln_first.mean()) + 1.2) < 0.05 and abs(float(ln_first.std()) - 1.2) < 0.05
     ramp = sigma[10000:]
-    lo = (SIGMA_MAX ** (1 / 7) + 0.7 * (SIGMA_MIN ** (1 / 7) - SIGMA_MAX ** (1 / 7))) ** 7    # ctm.md §6: ≈ 0.318
+    lo = (SIGMA_MAX ** (1 / 7) + 0.7 * (SIGMA_MIN ** (1 / 7) - SIGMA_MAX ** (1 / 7))) ** 7    # ≈ 0.318
     assert float(ramp.min()) >= lo and float(ramp.max()) <= SIGMA_MAX and abs(lo - 0.318) < 1e-3
 
 
@@ -277,6 +282,39 @@ def test_adaptive_weight_equalises_the_last_layer_gradient_norms():
     torch.testing.assert_close(norm(lam * L_dsm) + lam * 1e-4, norm(L_ctm), rtol=1e-10, atol=0.0)
 
 
+def test_adaptive_weight_under_fp16_autocast_needs_the_loss_scale_and_then_matches_fp32():
+    """A 32×32 SongUNet whose jumper is the exact Gaussian flow plus α·NN_θ with NN_θ ≈ 0 (EDM's near-zero output
+    layer), on N(0, σ_d²I) data and the ImageNet-64 grid (N = 40): L_CTM is only the teacher's Heun error, ~1e-10, as
+    for a student close to convergence. Under fp16 autocast the last layer's gradient of the unscaled batch mean
+    underflows to exactly 0, so λ = 0. Multiplied by the GradScaler's initial scale 2^16, the same ratio matches
+    fp32, written out here as ‖∇L_CTM‖ / (‖∇L_DSM‖ + 1e-4)."""
+    torch.manual_seed(0)
+    net = SongUNet(img_resolution=32, in_channels=3, out_channels=3, model_channels=8, channel_mult=[1], num_blocks=1,
+                   attn_resolutions=[], dropout=0.0, embedding_type="positional", encoder_type="standard",
+                   decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], s_embedding=True)
+    W = net.dec["32x32_aux_conv"].weight                                        # θ_L, as train.py picks it
+    teacher = lambda x, sigma, labels=None: x * edm.bcast(sd**2 / (sigma.double() ** 2 + sd**2), x)  # exact
+    exact_flow = lambda t, s: (((s**2 + sd**2) / (t**2 + sd**2)).sqrt(), (1 - s / t) * sd * t / (t**2 + sd**2).sqrt())
+    cfg, B = ctm.Config(N=40, K_max=1), 4
+    x0 = sd * torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def losses(fp16):
+        g = torch.Generator().manual_seed(2)
+        n, k, m = ctm.sample_indices(cfg.N, cfg.K_max, B, g)
+        x_t = x0 + edm.sigma_grid(cfg.N)[n].float()[:, None, None, None] * torch.randn(x0.shape, generator=g)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+            L_ctm = ctm.ctm_distance(cfg, net, net, teacher, x_t, n, k, m, outer=exact_flow).mean()
+            return L_ctm, ctm.dsm_loss(cfg, net, x0, generator=g).mean()
+
+    L_ctm, L_dsm = losses(fp16=False)
+    norm = lambda L: torch.autograd.grad(L, W, retain_graph=True)[0].norm()
+    expected = float(norm(L_ctm) / (norm(L_dsm) + 1e-4))
+    assert float(L_ctm) < 1e-9 and expected > 0
+    L_ctm, L_dsm = losses(fp16=True)
+    assert float(ctm.adaptive_weight(L_ctm, L_dsm, W)) == 0.0                 # the underflow
+    assert float(ctm.adaptive_weight(L_ctm, L_dsm, W, grad_scale=2.0**16)) == pytest.approx(expected, rel=1e-3)
+
+
 def test_loss_with_dsm_requires_the_last_layer():
     x0 = toy.ring8().sample(8, torch.Generator().manual_seed(0))[0]
     net = random_mlp(0)
@@ -287,7 +325,7 @@ def test_loss_with_dsm_requires_the_last_layer():
     raise AssertionError("ctm.loss accepted use_dsm=True without last_layer")
 
 
-# ---- γ-sampling (ctm.md §9.1) -------------------------------------------------------------------------------------
+# ---- γ-sampling ----------------------------------------------------------------------------------------------------
 
 def test_gamma_one_reproduces_cm_multistep_sampling():
     """CM's multistep sampler (Song et al. 2023, arXiv:2303.01469v2, Alg. 1) written out with f(x, τ) = G_θ(x,τ,σ_min)
@@ -300,10 +338,10 @@ def test_gamma_one_reproduces_cm_multistep_sampling():
         assert len(path) == nfe + 1 and torch.equal(path[0], SIGMA_MAX * noise)
         tau, g = edm.sigma_grid(nfe + 1).tolist(), torch.Generator().manual_seed(9)
         f = lambda x_, t_: ctm.G(net, x_, t_, SIGMA_MIN)
-        x = f(SIGMA_MAX * noise, SIGMA_MAX)                                    # Alg. 1 l. 1–2
-        for t_n in tau[1:-1]:                                                  # Alg. 1 l. 3
-            z = torch.randn(x.shape, dtype=f64, generator=g)                   # Alg. 1 l. 4
-            x = f(x + math.sqrt(t_n**2 - SIGMA_MIN**2) * z, t_n)               # Alg. 1 l. 5–6
+        x = f(SIGMA_MAX * noise, SIGMA_MAX)                                    # Alg. 1: x ← f(x̂_T, T)
+        for t_n in tau[1:-1]:                                                  # Alg. 1: for each τ
+            z = torch.randn(x.shape, dtype=f64, generator=g)                   # Alg. 1: z
+            x = f(x + math.sqrt(t_n**2 - SIGMA_MIN**2) * z, t_n)               # Alg. 1: x ← f(x + sqrt(τ² − ε²)z, τ)
         torch.testing.assert_close(x_ctm, x, rtol=1e-12, atol=1e-12)
 
 

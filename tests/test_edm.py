@@ -25,7 +25,7 @@ def test_karras_grid_has_its_endpoints_and_decreases(N, sigma_min, sigma_max, rh
 
 
 def test_karras_grid_matches_the_paper_values():
-    # Reference values of Eq. 5 with the defaults (edm.md §1.1), computed independently of our code.
+    # Reference values of Eq. 5 with the defaults, computed independently of our code.
     s18 = edm.sigma_grid(18)
     for i, v, digits in [(1, 57.586, 3), (4, 19.352, 3), (9, 1.923, 3), (13, 0.1395, 4), (16, 0.0075, 4)]:
         assert abs(s18[i] - v) <= 0.5 * 10**-digits  # the table is rounded to `digits` decimals
@@ -79,17 +79,34 @@ def test_euler_converges_at_first_order_for_gaussian_data():
     assert all(1.8 < a / b < 2.2 for a, b in zip(errs[:-1], errs[1:])), errs
 
 
-def test_heun_step_to_zero_keeps_the_euler_result_which_is_the_denoiser_output():
+def test_euler_step_to_zero_is_the_denoiser_output():
+    """x + (0 − t)(x − D)/t = D: the sampler's last step (Alg. 1 l. 6 skips the correction at σ = 0)."""
     ds = toy.ring8()
-    x = torch.randn(8, 2, dtype=torch.float64)
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     t = torch.full((8,), 0.7, dtype=torch.float64)
-    out = edm.heun_step(ds.denoiser, x, t, torch.zeros(8, dtype=torch.float64))
-    torch.testing.assert_close(out, ds.denoiser(x, t), rtol=0, atol=1e-14)  # x + (0 − t)(x − D)/t = D
-    # mixed batch: rows with t_next = 0 take Euler, the others Heun
-    t_next = torch.tensor([0.0, 0.3] * 4, dtype=torch.float64)
-    mixed = edm.heun_step(ds.denoiser, x, t, t_next)
-    torch.testing.assert_close(mixed[0::2], out[0::2], rtol=0, atol=1e-14)
-    torch.testing.assert_close(mixed[1::2], edm.heun_step(ds.denoiser, x[1::2], t[1::2], t_next[1::2]))
+    out = edm.euler_step(ds.denoiser, x, t, torch.zeros(8, dtype=torch.float64))
+    torch.testing.assert_close(out, ds.denoiser(x, t), rtol=0, atol=1e-14)
+
+
+def test_heun_sampler_is_alg1_with_2N_minus_1_denoiser_calls():
+    """Alg. 1 written out: N Karras levels (Eq. 5) plus t_N = 0, Heun steps (l. 4–8) except the last, which keeps
+    the Euler result (l. 6). Counting the calls checks NFE = 2N − 1."""
+    ds, N, calls = toy.ring8(), 5, []
+    D = lambda x, sigma, labels=None: calls.append(1) or ds.denoiser(x, sigma)
+    noise = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = edm.sample(edm.Config(), D, noise, num_steps=N)
+    assert len(calls) == 2 * N - 1
+    a, b = 80 ** (1 / 7), 0.002 ** (1 / 7)
+    t = [(a + i / (N - 1) * (b - a)) ** 7 for i in range(N)] + [0.0]          # Eq. 5, then t_N = 0
+    x = noise * 80
+    for i in range(N):
+        d = (x - ds.denoiser(x, torch.full((16,), t[i], dtype=torch.float64))) / t[i]
+        x_next = x + (t[i + 1] - t[i]) * d
+        if t[i + 1] != 0:
+            d2 = (x_next - ds.denoiser(x_next, torch.full((16,), t[i + 1], dtype=torch.float64))) / t[i + 1]
+            x_next = x + (t[i + 1] - t[i]) * (d + d2) / 2
+        x = x_next
+    torch.testing.assert_close(got, x, rtol=1e-12, atol=1e-12)
 
 
 def test_heun_sampler_with_exact_gaussian_denoiser_converges_to_the_closed_form_at_second_order():
@@ -110,9 +127,9 @@ class ExactNet(torch.nn.Module):
         self.D, self.delta = D, delta
 
     def forward(self, x_in, c_noise, labels=None):
-        sigma = (4 * c_noise).exp()[:, None]                  # c_noise = ln σ / 4
-        c_skip, c_out, c_in, _ = edm.precond(sigma)
-        x = x_in / c_in
+        sigma, sd = (4 * c_noise).exp()[:, None], edm.SIGMA_DATA   # c_noise = ln σ / 4
+        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()  # Table 1, written out
+        x = x_in * (sigma**2 + sd**2).sqrt()                  # undo c_in = 1/sqrt(σ² + σ_d²)
         D = self.D(x, sigma.flatten()) + self.delta * torch.tanh(x.flip(1))
         return (D - c_skip * x) / c_out
 

@@ -10,6 +10,7 @@ import pickle
 import struct
 import sys
 import tarfile
+import time
 import zipfile
 
 import numpy as np
@@ -484,3 +485,114 @@ def test_fid_pipeline_with_a_stand_in_feature_extractor(tmp_path):
 def test_inception_features_without_torch_fidelity_say_how_to_install_it():
     with pytest.raises(ImportError, match="pip install torch-fidelity"):
         inception_features("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The decoded-image cache: decoded once per dataset, memory-mapped by every process that opens it.
+
+
+def labelled_png_zip(tmp_path, n=6, name="ds.zip", seed=0):
+    images = np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    names = [f"{i // 4:05d}/img{i:08d}.png" for i in range(n)]
+    folder = tmp_path / f"{name}.src"
+    write_pngs(folder, images, names)
+    (folder / "dataset.json").write_text(json.dumps({"labels": [[n_, i % 3] for i, n_ in enumerate(names)]}))
+    return zip_folder(folder, tmp_path / name), images
+
+
+def entries(cache):
+    return sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
+
+
+def test_a_cached_dataset_is_decoded_once_then_memory_mapped(tmp_path, monkeypatch):
+    import data.images
+
+    path, images = labelled_png_zip(tmp_path)
+    cache = tmp_path / "cache"
+    first = open_dataset(f"zip:{path}", cache_dir=cache)
+    monkeypatch.setattr(data.images, "_png_dataset", lambda *a: pytest.fail("decoded again"))
+    again = open_dataset(f"zip:{path}", cache_dir=cache)
+    for ds in (first, again):
+        assert isinstance(ds.images, np.memmap) and ds.mapped.startswith(str(cache))
+        assert np.array_equal(ds.images, images.transpose(0, 3, 1, 2))
+        assert ds.labels.tolist() == [i % 3 for i in range(6)] and ds.num_classes == 3
+    assert len(entries(cache)) == 1
+
+
+def test_an_edited_dataset_is_decoded_afresh(tmp_path):
+    path, _ = labelled_png_zip(tmp_path)
+    cache = tmp_path / "cache"
+    open_dataset(f"zip:{path}", cache_dir=cache)
+    _, new_images = labelled_png_zip(tmp_path, seed=1)  # rewrites ds.zip with other pixels
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    ds = open_dataset(f"zip:{path}", cache_dir=cache)
+    assert np.array_equal(ds.images, new_images.transpose(0, 3, 1, 2))
+    assert len(entries(cache)) == 2
+
+
+def test_every_format_but_npy_is_cached_and_npy_is_mapped_in_place(tmp_path):
+    tarball, _, data, labels = write_cifar(tmp_path)
+    np.savez(tmp_path / "d.npz", x=images_nhwc(4), y=np.array([1, 0, 1, 1]))
+    np.save(tmp_path / "d.npy", images_nhwc(4))
+    cache = tmp_path / "cache"
+    for spec in (f"cifar10:{tarball}", f"npz:{tmp_path / 'd.npz'}", f"npy:{tmp_path / 'd.npy'}"):
+        plain, cached = open_dataset(spec), open_dataset(spec, cache_dir=cache)
+        assert np.array_equal(plain.images, cached.images) and isinstance(cached.images, np.memmap)
+        assert (plain.num_classes, None if plain.labels is None else plain.labels.tolist()) == (
+            cached.num_classes, None if cached.labels is None else cached.labels.tolist())
+    assert len(entries(cache)) == 2
+
+
+def _open_in_child(spec, cache, out):
+    ds = open_dataset(spec, cache_dir=cache)
+    np.save(out, np.asarray(ds.images))
+
+
+def test_processes_opening_a_new_dataset_at_once_decode_it_once(tmp_path, monkeypatch):
+    import multiprocessing
+
+    import data.images
+
+    path, images = labelled_png_zip(tmp_path, n=40)
+    cache, log = tmp_path / "cache", tmp_path / "builds.log"
+    real = data.images._build_entry
+
+    def logged(*args):
+        with open(log, "a") as f:
+            f.write("built\n")
+        time.sleep(0.5)  # long enough that the other processes look for the entry while it is being built
+        return real(*args)
+
+    monkeypatch.setattr(data.images, "_build_entry", logged)  # inherited by the forked children
+    ctx = multiprocessing.get_context("fork")
+    children = [ctx.Process(target=_open_in_child, args=(f"zip:{path}", cache, tmp_path / f"{i}.npy"))
+                for i in range(3)]
+    for c in children:
+        c.start()
+    for c in children:
+        c.join(60)
+    assert [c.exitcode for c in children] == [0, 0, 0]
+    assert log.read_text() == "built\n"
+    for i in range(3):
+        assert np.array_equal(np.load(tmp_path / f"{i}.npy"), images.transpose(0, 3, 1, 2))
+    assert len(entries(cache)) == 1
+
+
+def test_a_dataset_that_fails_to_decode_leaves_no_cache_entry(tmp_path):
+    folder = tmp_path / "ds"
+    write_pngs(folder, images_nhwc(3), ["a.png", "b.png", "c.png"])
+    (folder / "b.png").write_bytes((folder / "b.png").read_bytes()[:30])
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetError, match="b.png: not a readable PNG"):
+        open_dataset(f"folder:{folder}", cache_dir=cache)
+    assert entries(cache) == []
+
+
+def test_a_memory_mapped_dataset_travels_as_its_file_name(tmp_path):
+    np.save(tmp_path / "d.npy", images_nhwc(500, size=16))
+    ds = open_dataset(f"npy:{tmp_path / 'd.npy'}")
+    blob = pickle.dumps(ds)
+    assert len(blob) < 2000  # the pixels are 384,000 bytes
+    back = pickle.loads(blob)
+    assert isinstance(back.images, np.memmap) and np.array_equal(back.images, ds.images)
+    assert torch.equal(back.take([3, 1], np.array([True, False]))[0], ds.take([3, 1], np.array([True, False]))[0])

@@ -1,5 +1,5 @@
-"""Multistep consistency models (Heek et al. 2024, arXiv:2403.06807v3, Alg. 1–2): the claims of mcm_addim.md §3–5
-that a few lines of float64 can check."""
+"""Multistep consistency models (Heek et al. 2024, arXiv:2403.06807v3, Alg. 1–2): the paper's claims about its
+algorithms that a few lines of float64 can check."""
 import math
 
 import pytest
@@ -24,8 +24,9 @@ class DenoiserAsNet(nn.Module):
 
     def forward(self, x_in, noise_labels, class_labels=None, noise_labels_s=None):
         sigma = (4 * noise_labels.to(f64)).exp()                                   # c_noise = ln σ / 4
-        c_skip, c_out, c_in, _ = edm.precond(edm.bcast(sigma, x_in), self.sigma_data)
-        x = x_in / c_in
+        sd, sig = self.sigma_data, sigma[:, None]
+        c_skip, c_out = sd**2 / (sig**2 + sd**2), sig * sd / (sig**2 + sd**2).sqrt()  # EDM Table 1, written out
+        x = x_in * (sig**2 + sd**2).sqrt()                                          # undo c_in = 1/sqrt(σ² + σ_d²)
         return (self.D(x, sigma, class_labels) - c_skip * x) / c_out
 
 
@@ -35,12 +36,14 @@ def student(seed=0):
 
 
 def f(net, x, sigma):
-    """The student's x̂_θ written out from EDM Eq. 7 (σ > 0)."""
-    return edm.denoise(net, x, edm.bcast(sigma, x).flatten())
+    """The student's x̂_θ written out from EDM Eq. 7 with Table 1's coefficients (σ > 0)."""
+    sig, sd = edm.bcast(sigma, x), edm.SIGMA_DATA
+    c_skip, c_out, c_in = sd**2 / (sig**2 + sd**2), sig * sd / (sig**2 + sd**2).sqrt(), 1 / (sig**2 + sd**2).sqrt()
+    return c_skip * x + c_out * net(c_in * x, (sig.log() / 4).flatten())
 
 
 def rho_w(cfg, delta, sigma_t):
-    """Pseudo-Huber on the RMS norm times SNR + 1 (mcm_addim.md §3.3 reading (c); Alg. 1)."""
+    """Pseudo-Huber on the RMS norm times SNR + 1 (the RMS reading of mcm.py's docstring; Alg. 1)."""
     rho = (delta.square().mean(1) + cfg.huber_eps**2).sqrt() - cfg.huber_eps
     return (1 / sigma_t**2 + 1) * rho
 
@@ -50,7 +53,7 @@ def test_teacher_steps_anneal_log_linearly_from_64_to_1280():
     assert mcm.teacher_steps(cfg, 0) == pytest.approx(64, rel=1e-12)
     assert mcm.teacher_steps(cfg, 1000) == pytest.approx(1280, rel=1e-12)
     assert mcm.teacher_steps(cfg, 5000) == pytest.approx(1280, rel=1e-12)
-    assert mcm.teacher_steps(cfg, 500) == pytest.approx(math.sqrt(64 * 1280), rel=1e-12)    # ≈ 286, §5 item 14
+    assert mcm.teacher_steps(cfg, 500) == pytest.approx(math.sqrt(64 * 1280), rel=1e-12)    # ≈ 286, App. A.1
     steps = [mcm.teacher_steps(cfg, i) for i in range(0, 1001, 50)]
     assert all(a < b for a, b in zip(steps, steps[1:]))
 
@@ -58,7 +61,7 @@ def test_teacher_steps_anneal_log_linearly_from_64_to_1280():
 @settings(max_examples=40, deadline=None)
 @given(st.sampled_from([1, 2, 3, 4, 8, 16]), st.integers(0, 200_000), st.integers(0, 2**31))
 def test_no_sampled_t_equals_a_segment_start(S, i, seed):
-    """t ∈ (t_step, t_step + 1/S], s = t − 1/T ∈ [t_step, t), and the segment of t is ceil(tS) − 1 (§4)."""
+    """t ∈ (t_step, t_step + 1/S], s = t − 1/T ∈ [t_step, t), and the segment of t is ceil(tS) − 1 (Alg. 1, Alg. 2)."""
     cfg = mcm.Config(S=S)
     t_step, t, s = mcm.sample_times(cfg, 4096, i, torch.Generator().manual_seed(seed))
     T = S * max(1, round(mcm.teacher_steps(cfg, i) / S))
@@ -69,7 +72,7 @@ def test_no_sampled_t_equals_a_segment_start(S, i, seed):
 
 
 def test_mcm_loss_with_one_segment_is_the_cm_loss():
-    """§5 item 9: with S = 1 (t_step = 0, σ = 0) the target is sg x̂_θ(x_s, s), the classic CM loss, and at the
+    """1-step MCM is a CM: with S = 1 (t_step = 0, σ = 0) the target is sg x̂_θ(x_s, s), the classic CM loss, and at the
     boundary s = 0 it is the teacher point x_s itself."""
     cfg, net, g = mcm.Config(S=1), student(), torch.Generator().manual_seed(0)
     t_step, t, s = mcm.sample_times(cfg, 64, 0, g)
@@ -86,7 +89,7 @@ def test_mcm_loss_with_one_segment_is_the_cm_loss():
 
 
 def test_ct_loss_with_one_teacher_step_per_segment_is_a_diffusion_loss():
-    """§5 item 11 (∞-step MCM is diffusion): N/S = 1 gives s = t_step, x_s = x + σ_s ε and target x; the loss is
+    """∞-step MCM is diffusion: N/S = 1 gives s = t_step, x_s = x + σ_s ε and target x; the loss is
     w(t)·ρ(x̂_θ(x_t, t) − x). The draws are reproduced from the same generator seed."""
     for S in (1, 4, 8):
         cfg, net = mcm.Config(S=S, N_start=S, N_end=S), student()
@@ -101,8 +104,8 @@ def test_ct_loss_with_one_teacher_step_per_segment_is_a_diffusion_loss():
 
 
 def test_boundary_anchor_target_is_the_teacher_for_ddim_and_not_for_addim():
-    """§5 item 10: at n_rel = 1 the target does not depend on the student. With a DDIM teacher it is x_teacher;
-    with aDDIM (x_var > 0) it is a different point."""
+    """The boundary anchor (Eq. 8): at n_rel = 1 the target does not depend on the student. With a DDIM teacher it
+    is x_teacher; with aDDIM (x_var > 0) it is a different point."""
     cfg, g = mcm.Config(S=4), torch.Generator().manual_seed(3)
     data = toy.ring8()
     t_step = torch.tensor([0.0, 0.25, 0.5, 0.75], dtype=f64)
@@ -126,7 +129,7 @@ def test_boundary_anchor_target_is_the_teacher_for_ddim_and_not_for_addim():
 @settings(max_examples=30, deadline=None)
 @given(st.floats(0.0, 0.9), st.floats(0.05, 1.0), st.integers(0, 2**31))
 def test_z_space_residual_is_c_times_the_x_space_residual(t_step, width, seed):
-    """§5 item 7 (Eq. 6 vs Eq. 7): DDIM_{t→t_step}(x̂) − DDIM_{t→t_step}(x_target) = (1 − σ_step/σ_t)(x̂ − x_target),
+    """Eq. 6 vs Eq. 7: DDIM_{t→t_step}(x̂) − DDIM_{t→t_step}(x_target) = (1 − σ_step/σ_t)(x̂ − x_target),
     i.e. the paper's c(t, t_step)/α_{t_step}, so the x-space loss is the z-space loss rescaled per example."""
     g = torch.Generator().manual_seed(seed)
     x_hat, x_target, x_t = (torch.randn(3, 2, dtype=f64, generator=g) for _ in range(3))
@@ -136,7 +139,7 @@ def test_z_space_residual_is_c_times_the_x_space_residual(t_step, width, seed):
 
 
 def test_sampling_with_the_teacher_as_student_is_s_step_ddim_of_the_teacher():
-    """§5 item 12: Alg. 2 with f = the teacher equals S-step DDIM, here written in the paper's VP form (Eq. 4) on the
+    """Alg. 2 with f = the teacher equals S-step DDIM, here written in the paper's VP form (Eq. 4) on the
     cosine schedule α_t = cos(πt'/2), σ_t = sin(πt'/2), t' = t·(2/π)atan σ_max, and mapped back by x = z_0."""
     data = toy.two_modes()
     net, noise = DenoiserAsNet(data.denoiser), torch.randn(32, 2, dtype=f64, generator=torch.Generator().manual_seed(4))

@@ -28,7 +28,7 @@ TINY_UNETS = [p for p in TINY if p.values[0] is not UViT]
 
 @pytest.fixture(autouse=True)
 def seeded():
-    torch.manual_seed(0)                                                    # initialisations do not depend on test order
+    torch.manual_seed(0)  # initialisations do not depend on test order
 
 
 def make_inputs(net, B, s=False, labels=True, seed=0):
@@ -87,7 +87,8 @@ def test_s_input_only_adds_keys_ending_in_s(name):
 
 
 def test_ctm_cifar10_student_has_ctms_parameter_count():
-    # networks.md §7.1: DDPM++ without map_augment plus the s-branch = 60,395,267.
+    # DDPM++ without map_augment (55,732,739) plus the s-branch: map_layer0_s 66,048 + map_layer1_s 262,656 +
+    # 33 affine_s × 131,328 = 60,395,267, the 60.40M of CTM's CIFAR-10 student.
     kwargs = dict(SONGUNET_CONFIGS["cifar10-ddpmpp-uncond"], augment_dim=0)
     with torch.device("meta"):
         net = SongUNet(**kwargs, s_embedding=True)
@@ -97,7 +98,8 @@ def test_ctm_cifar10_student_has_ctms_parameter_count():
 def test_uvit_s2_has_the_papers_size_and_names():
     with torch.device("meta"):
         net = UViT(**UVIT_CONFIGS["cifar10-uvit-s2"])
-    assert sum(p.numel() for p in net.parameters()) == 44_255_328            # networks.md §8.2
+    # U-ViT-S/2: 13 blocks of width 512, MLP 2048, 8 heads (Bao et al.: 44M)
+    assert sum(p.numel() for p in net.parameters()) == 44_255_328
     shapes = {k: list(v.shape) for k, v in net.state_dict().items()}
     assert shapes["patch_embed.proj.weight"] == [512, 3, 2, 2]
     assert shapes["pos_embed"] == [1, 1 + 256, 512]
@@ -128,7 +130,7 @@ def test_resample_filters_are_nearest_upsampling_and_average_pooling():
 def test_qkv_channels_are_interleaved_per_head():
     B, heads, c, H, W = 2, 3, 8, 4, 4
     qkv = torch.randn(B, 3 * heads * c, H, W)
-    # networks.md §6.1: channel (head·c + i)·3 + {0, 1, 2} is q, k, v of channel i of that head.
+    # EDM's checkpoints: channel (head·c + i)·3 + {0, 1, 2} is q, k, v of channel i of that head.
     q, k, v = (qkv[:, j::3].reshape(B, heads, c, H * W) for j in range(3))
     w = torch.softmax(torch.einsum("bhcq,bhck->bhqk", q, k) / math.sqrt(c), dim=-1)
     expected = torch.einsum("bhqk,bhck->bhcq", w, v).reshape(B, heads * c, H, W)
@@ -174,7 +176,8 @@ def test_uvit_embeds_rescaled_c_noise():
     x, c_noise, _, _ = make_inputs(net, 3)
     token = _input_of(net.time_embed, lambda: net(x, c_noise))
     torch.testing.assert_close(token, timestep_embedding(TIME_SCALE * c_noise, 128))
-    # The point of the rescaling (networks.md §8.3): σ = 0.002 and σ = 80 differ in the slow half of the sinusoid.
+    # The point of the rescaling (networks/uvit.py docstring): σ = 0.002 and σ = 80 differ in the slow half of the
+    # sinusoid.
     ends = timestep_embedding(TIME_SCALE * torch.tensor([0.002, 80.0]).log() / 4, 128)
     assert (ends[0, 32:64] - ends[1, 32:64]).abs().max() > 1.0
 
