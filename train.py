@@ -138,7 +138,8 @@ if is_toy:
     num_train, label_dim, data_shape = len(x_train), dataset.label_dim if args.cond else 0, (dataset.dim,)
 else:
     try:
-        dataset = images.open_dataset(data_name)
+        # Decoded once per node into a memory-mapped cache that every rank and loader worker shares (data/images.py).
+        dataset = images.open_dataset(data_name, cache_dir=images.default_cache_dir())
     except (images.DatasetError, ImportError) as e:
         fail(f"--data {data_name}: {e}")
     num_train, label_dim = len(dataset), dataset.num_classes if args.cond else 0
