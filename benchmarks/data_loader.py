@@ -16,7 +16,7 @@ its workers together. The training rate is one forward and backward pass of the 
 the same per-rank batch, in one thread, for comparison.
 
     python -m benchmarks.data_loader                  # 100,000 images, 2 ranks, 2 workers each: about 5 minutes
-    python -m benchmarks.data_loader --quick          # 3,000 images, seconds
+    python -m benchmarks.data_loader --quick          # 3,000 images, 1 worker per rank: seconds of CPU
 """
 import argparse
 import io
@@ -106,8 +106,9 @@ def training_rate(batch_gpu, steps):
     return steps * batch_gpu / (time.perf_counter() - start)
 
 
-def main(quick=False, images=None, ranks=2, workers=2, batch_gpu=None, steps=None, folder=None):
+def main(quick=False, images=None, ranks=2, workers=None, batch_gpu=None, steps=None, folder=None):
     images = images or (3000 if quick else 100_000)
+    workers = workers if workers is not None else 1 if quick else 2
     batch_gpu = batch_gpu or (16 if quick else 128)
     steps = steps or (4 if quick else images // (ranks * batch_gpu))  # full: one epoch, every image read once
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
@@ -140,7 +141,7 @@ if __name__ == "__main__":
     p.add_argument("--quick", action="store_true", help="3,000 images, seconds")
     p.add_argument("--images", type=int, help="number of PNGs (default 100,000; quick 3,000)")
     p.add_argument("--ranks", type=int, default=2, help="processes opening the set at once (default 2)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank (default 2)")
+    p.add_argument("--workers", type=int, help="DataLoader workers per rank (default 2; quick 1)")
     p.add_argument("--batch-gpu", type=int, help="images per micro-batch (default 128; quick 16)")
     p.add_argument("--steps", type=int, help="steps read per rank (default one epoch; quick 4)")
     p.add_argument("--dir", help="where the temporary zip and cache go (default: the system's temporary folder)")

@@ -416,10 +416,16 @@ def _open_npy(path):
 _CACHE_FORMAT = 1  # bump when the cache layout changes
 
 
-def _fingerprint(path):
+def _fingerprint(kind, path):
     """What identifies the source's contents cheaply: path, size and modification time of the file, or of every
-    file under the folder, so an edited or replaced dataset never reuses a stale cache."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    file it reads from the folder, so an edited or replaced dataset never reuses a stale cache."""
+    if not path.is_dir():
+        files = [path]
+    elif kind == "cifar10":  # only the five training batches, wherever the folder is
+        folder = path / _CIFAR_DIR if (path / _CIFAR_DIR).is_dir() else path
+        files = [folder / name for name in _CIFAR_TRAIN if (folder / name).is_file()]  # a missing one: said later
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file())
     digest = hashlib.sha256(f"{_CACHE_FORMAT}\n{path.resolve()}\n".encode())
     for p in files:
         st = p.stat()
@@ -436,7 +442,7 @@ def _cached(kind, path, opener, cache_dir):
     place, so it either exists complete or not at all, also if the decoding fails or is killed, or if processes on
     several machines share the folder (the lock then only saves repeated work).
     """
-    entry = cache_dir / f"{kind}-{path.name}-{_fingerprint(path)}"
+    entry = cache_dir / f"{kind}-{path.name}-{_fingerprint(kind, path)}"
     if not entry.is_dir():
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
