@@ -11,6 +11,7 @@ with a message instead of mixing or destroying two runs:
 """
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
@@ -86,7 +87,7 @@ def resume_state(outdir, args, log=print):
     is reported, kept and skipped. Raises RunError if there is none or if the settings differ."""
     if not checkpoints(outdir):
         raise RunError(f"no checkpoint in {outdir}")
-    for step, path in reversed(checkpoints(outdir)):
+    for _, path in reversed(checkpoints(outdir)):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure to read means "not a usable checkpoint"
@@ -195,6 +196,7 @@ nonneg_int = checked(int, lambda v: v >= 0, "an integer >= 0")
 pos_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a finite positive number")
 step_list = checked(_step_list, bool, "a comma list of distinct positive integers")
 rate = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+at_least = lambda n: checked(int, lambda v: v >= n, f"an integer >= {n}")
 fraction = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
@@ -219,7 +221,9 @@ def load_everywhere(path, world_size):
 def rng_states(device, world_size):
     """Every rank's CPU (and CUDA) random state, gathered: checkpoint entry `rng`, indexed by rank."""
     import torch.distributed as dist
-    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
     out = [rng] * world_size
     if world_size > 1:
         dist.all_gather_object(out, rng)
@@ -230,3 +234,29 @@ def set_rng_state(rng, device):
     torch.set_rng_state(rng["cpu"])
     if device.type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def on_master(fn, world_size):
+    """fn() on rank 0, its result (or the message of a RunError, CheckpointError or ValueError) sent to every rank
+    as ("ok", result) or ("error", message), so that every rank stops alike."""
+    import torch.distributed as dist
+    box = [None]
+    if world_size == 1 or dist.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except ValueError as e:  # RunError and CheckpointError are ValueErrors
+            box = [("error", str(e))]
+    if world_size > 1:
+        dist.broadcast_object_list(box)
+    return box[0]
+
+
+def default_outdir(args, defaults, named):
+    """runs/<algo>-<data>[-<variant>…]: `named` variants (name -> on) spelled out, then a short hash of every other
+    run-altering flag that differs from its default, so that two settings never share a default folder."""
+    others = {k: v for k, v in sorted(args.items()) if k in RUN_FLAGS and v != defaults.get(k) and k not in
+              ("algo", "data", "cond", "precond", "ct", "teacher", "student_steps")}
+    variant = [k for k, on in named.items() if on] + ([hashlib.sha1(repr(others).encode()).hexdigest()[:6]]
+                                                      if others else [])
+    data = os.path.basename(str(args["data"]).split(":")[-1].rstrip("/"))
+    return os.path.join("runs", "-".join([args["algo"], data] + variant))

@@ -73,9 +73,9 @@ class GaussianMixture:
 
 
 def column(v, x):
-    """A float or a per-example [B] tensor as a [B, 1] column in x's dtype, against flat data x of shape [B, d]."""
+    """A float or a per-example [B] tensor as [B, 1, ..., 1] in x's dtype, against x of shape [B, ...]."""
     v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
-    return v.expand(x.shape[0]).reshape(-1, 1)
+    return v.expand(x.shape[0]).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def one_hot(k, n, dtype=torch.float32):
@@ -90,7 +90,7 @@ def ode_solve(D, x, t, s, labels=None, steps_per_unit=20):
     classical RK4 with `steps_per_unit` steps per unit of λ (212 steps from 80 to 0.002 at the default) is
     accurate to far below 1e-4 (checked by `tests/test_toy.py`). t and s may be floats or per-example [B]."""
     x = x.to(torch.float64)
-    lam_t, lam_s = column(t, x).log(), column(s, x).log()                 # [B, 1]
+    lam_t, lam_s = column(t, x).log(), column(s, x).log()                 # [B, 1, ...]
     if bool((lam_s > lam_t).any()):
         raise ValueError("ode_solve integrates towards smaller noise: every s must be <= t")
     n = max(1, math.ceil(float((lam_t - lam_s).abs().max()) * steps_per_unit))

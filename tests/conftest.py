@@ -21,3 +21,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.path.name in MATHS_FILES:
             item.add_marker(pytest.mark.maths)
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long end-to-end run (CI runs it as well)")
