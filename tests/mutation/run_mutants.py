@@ -116,13 +116,17 @@ MUTANTS = [
     (T, "return (grad_ctm.norm() / (grad_dsm.norm() + 1e-4 * grad_scale)).clamp(0, 1e4).detach()",
         "return (grad_dsm.norm() / (grad_ctm.norm() + 1e-4 * grad_scale)).clamp(0, 1e4).detach()"),
     (T, "return (grad_ctm.norm() / (grad_dsm.norm() + 1e-4 * grad_scale)).clamp(0, 1e4).detach()",
-        "return (grad_ctm.norm() / (grad_dsm.norm() + 1e-4 * grad_scale)).clamp(0, 1e4)"),
+        "return (grad_ctm.norm() / (grad_dsm.norm() + 1e-4 * grad_scale)).clamp(0, 1e4)",
+        "equivalent: autograd.grad without create_graph returns gradients outside the graph, so λ is a constant "
+        "with or without detach"),
     (T, "return L_ctm + lambda_dsm * L_dsm", "return lambda_dsm * L_ctm + L_dsm"),
     (T, "t_tilde = math.sqrt(1 - cfg.gamma**2) * (t_steps[n + 1] - cfg.sigma_min) + cfg.sigma_min",
         "t_tilde = (1 - cfg.gamma**2) * (t_steps[n + 1] - cfg.sigma_min) + cfg.sigma_min"),
     (T, "std = math.sqrt((1 - math.sqrt(1 - cfg.gamma**2)) * (t_steps[n + 1] - cfg.sigma_min)",
         "std = math.sqrt((1 - math.sqrt(1 - cfg.gamma**2)) * (t_steps[n + 1] + cfg.sigma_min)"),
-    (T, "if n < nfe - 1:", "if n < nfe:"),
+    (T, "if n < nfe - 1:", "if n < nfe:",
+        "equivalent: after the last jump t_{n+1} = σ_min, so the renoising std has the factor t_{n+1} − σ_min = 0 "
+        "and adds exactly 0·z"),
     # ---- MCM
     (M, "frac = min(max(i / cfg.anneal_iters, 0.0), 1.0)", "frac = max(i / cfg.anneal_iters, 0.0)"),
     (M, "step = torch.randint(0, cfg.S, (B,)", "step = torch.randint(0, cfg.S - 1, (B,)"),
