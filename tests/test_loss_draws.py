@@ -254,3 +254,14 @@ def test_cd_student_and_target_passes_see_the_same_dropout_masks():
         paper.cm_scalings(t_, 0.01, 0.6)[1], x_) * R
     torch.testing.assert_close(got, (f(x_t, grid[n]) - f(x_hat, grid[n + 1])).square().mean(1), rtol=1e-10,
                                atol=1e-14)
+
+
+def test_mcm_student_is_never_called_at_sigma_zero():
+    """In the last segment s = t_step = 0 (σ = 0), where Alg. 1 discards the student's x̂(x_s, s): the network must
+    still only ever see finite noise labels (c_noise = ln σ/4 would be −∞)."""
+    cfg = mcm.Config(S=1, N_start=1, N_end=1)                                 # every s is the σ = 0 boundary
+    net = paper.Probe(2)
+    x = toy.ring8().sample(32, torch.Generator().manual_seed(0))[0]
+    loss = mcm.loss(cfg, net, toy.ring8().denoiser, x, generator=torch.Generator().manual_seed(1))
+    assert bool(torch.isfinite(loss).all()) and net.calls
+    assert all(bool(torch.isfinite(c_noise).all()) for _, c_noise, _ in net.calls)
