@@ -195,10 +195,10 @@ MUTANTS = [
           '    ("numpy", "dtype"): np.dtype,\n    ("builtins", "getattr"): getattr,\n'),
     (CK, '("torch.storage", "_load_from_bytes"): _storage_from_bytes,',
           '("torch.storage", "_load_from_bytes"): torch.storage._load_from_bytes,'),
-    (CK, 'raise pickle.UnpicklingError(f"refused global {module}.{name} in a storage record: only torch storage "',
-         'return pickle.Unpickler.find_class(self, module, name)\n'
-         '        raise pickle.UnpicklingError(f"refused global {module}.{name} in a storage record: '
-         'only torch storage "'),
+    (CK, "return torch.load(io.BytesIO(data), weights_only=True)",
+         "return torch.load(io.BytesIO(data), weights_only=False)"),
+    (CK, "        raise _NotPlain\n\n    def persistent_load",
+         "        return pickle.Unpickler.find_class(self, module, name)\n\n    def persistent_load"),
     (CK, 'if len(data) != start + numel * itemsize or int.from_bytes',
           'if len(data) < start + numel * itemsize or int.from_bytes'),
     (CK, "type(requires_grad) is bool and isinstance(backward_hooks, dict) and not backward_hooks and not metadata):",
