@@ -84,7 +84,8 @@ def main(quick=False, out="docs/results/cd"):
            "wall_time_s": time.time() - t0}
     for name, r in rows.items():
         print(f"  {name}: gap vs teacher {common.fmt(r['vs_teacher']['gap_mean'])}, energy vs teacher "
-              f"{common.fmt(r['vs_teacher']['energy_to_ode'])} (p {common.fmt(r['vs_teacher']['energy_to_ode_p'], '.2f')})"
+              f"{common.fmt(r['vs_teacher']['energy_to_ode'])} "
+              f"(p {common.fmt(r['vs_teacher']['energy_to_ode_p'], '.2f')})"
               f", energy vs exact {common.fmt(r['vs_exact']['energy_to_ode'])}")
     return common.write(out, "cd", quick, res, lambda path: plot(path, res, p))
 

@@ -23,7 +23,7 @@ import time
 import torch
 
 from algorithms import edm
-from data import metrics, toy
+from data import toy
 from networks.checkpoint import load_teacher_into_student
 from networks.mlp import MLP
 

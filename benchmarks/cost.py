@@ -28,7 +28,6 @@ grid and extrapolated linearly in (grid times × samples), then compared with CT
     python -m benchmarks.cost --quick    # smoke test, seconds
 """
 import copy
-import math
 import time
 
 import torch

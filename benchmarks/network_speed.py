@@ -70,6 +70,10 @@ def paired(net, B: int, steps: int, repeats: int):
     return fp32, bf16
 
 
+def spread(v):
+    return f"{statistics.median(v):.3g} [{min(v):.3g}–{max(v):.3g}]"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny networks only, batch 8, 2 repeats")
@@ -101,9 +105,8 @@ def main():
         for B in ((8,) if args.quick or not tiny else (8, 32)):
             fp32, bf16 = paired(net, B, args.steps, repeats if tiny else 1)  # paper-size steps take minutes each
             ratio = statistics.median(b / f for f, b in zip(fp32, bf16))
-            cell = lambda v: f"{statistics.median(v):.3g} [{min(v):.3g}–{max(v):.3g}]"
-            print(f"| {name:<22} | {params / 1e6:>8.2f}M | {gflops:>10.3f} | {B:>5} | {cell(fp32):>20} | "
-                  f"{cell(bf16):>20} | {ratio:>9.2f} |", flush=True)
+            print(f"| {name:<22} | {params / 1e6:>8.2f}M | {gflops:>10.3f} | {B:>5} | {spread(fp32):>20} | "
+                  f"{spread(bf16):>20} | {ratio:>9.2f} |", flush=True)
 
 
 if __name__ == "__main__":
