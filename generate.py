@@ -1,6 +1,6 @@
 """Samples from a trained student, an EDM run of this project, or a published NVlabs EDM teacher.
 
-    python generate.py --network runs/cd-cifar10 --outdir out --seeds 0-49999 [--batch 250] [--class 3] [--nfe 2] [--npz]
+    python generate.py --network runs/cd-cifar10 --outdir out --seeds 0-49999 [--batch B] [--class C] [--nfe N] [--npz]
     torchrun --nproc_per_node=8 generate.py --network edm-cifar10-32x32-cond-vp.pkl --outdir out --seeds 0-49999
 
 `--network` is a run folder or checkpoint written by train.py (everything needed to rebuild the network and its
@@ -68,7 +68,8 @@ try:
     if args.network.endswith(".pkl"):
         published = checkpoint.load_edm_pickle(args.network)
         net, kw = published.net, published.net_kwargs
-        model = dict(algo="edm", cfg=dataclasses.asdict(edm.Config(sigma_data=published.precond.get("sigma_data", 0.5))),
+        cfg = edm.Config(sigma_data=published.precond.get("sigma_data", edm.SIGMA_DATA))
+        model = dict(algo="edm", cfg=dataclasses.asdict(cfg),
                      data=dict(name=args.network, shape=[kw["in_channels"], kw["img_resolution"], kw["img_resolution"]],
                                label_dim=kw.get("label_dim") or 0), analytic_stats=None)
     else:
@@ -139,7 +140,8 @@ if rank == 0:
             import plots
             from data import toy as toys
             x_data = toys.DATASETS[model["data"]["name"]]().sample(2000, torch.Generator().manual_seed(0))[0]
-            plots.samples(os.path.join(args.outdir, "scatter.png"), {f"{nfe} NFE": points}, f"{algo}, {nfe} NFE", x_data)
+            plots.samples(os.path.join(args.outdir, "scatter.png"), {f"{nfe} NFE": points}, f"{algo}, {nfe} NFE",
+                          x_data)
         except ImportError as e:
             print(f"no scatter.png ({e}); install the plot extra: pip install -e '.[plot]'")
     elif args.npz:

@@ -87,7 +87,7 @@ def resume_state(outdir, args, log=print):
     is reported, kept and skipped. Raises RunError if there is none or if the settings differ."""
     if not checkpoints(outdir):
         raise RunError(f"no checkpoint in {outdir}")
-    for step, path in reversed(checkpoints(outdir)):
+    for _, path in reversed(checkpoints(outdir)):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure to read means "not a usable checkpoint"
@@ -196,6 +196,7 @@ nonneg_int = checked(int, lambda v: v >= 0, "an integer >= 0")
 pos_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a finite positive number")
 step_list = checked(_step_list, bool, "a comma list of distinct positive integers")
 rate = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+at_least = lambda n: checked(int, lambda v: v >= n, f"an integer >= {n}")
 fraction = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
@@ -220,7 +221,9 @@ def load_everywhere(path, world_size):
 def rng_states(device, world_size):
     """Every rank's CPU (and CUDA) random state, gathered: checkpoint entry `rng`, indexed by rank."""
     import torch.distributed as dist
-    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
     out = [rng] * world_size
     if world_size > 1:
         dist.all_gather_object(out, rng)

@@ -1,14 +1,13 @@
 """One entry point for every algorithm, under plain `python` or `torchrun`.
 
     torchrun train.py --algo mcm                               # MCM, S = 1, 2, 4, 8, on a 2D toy: a few minutes on CPU
-    python train.py --algo ctm --precond analytic --data spiral
     torchrun --nproc_per_node=8 train.py --algo cd --data cifar10:PATH --teacher edm-cifar10-32x32-uncond-vp.pkl \
         --init-from-teacher --precision fp16
 
-Top to bottom: the algorithms' defaults, arguments (all checked before any work), distributed set-up, data,
-teacher, then `run()`: networks, optimizer, resume, the training loop (AMP, non-finite guard, EMAs, logging,
-checkpoints), then the evaluation (`evaluate.py`) with pictures and metrics.json; once, or once per S for MCM.
-The algorithms are pure functions in `algorithms/`; everything with a side effect lives here or in `rundir.py`.
+Top to bottom: each algorithm's defaults, the arguments (every one checked before any work), distributed set-up,
+data, teacher, then `run()`: networks, optimizer, resume, the training loop (AMP, non-finite guard, EMAs, logging,
+checkpoints) and the evaluation (`evaluate.py`); once, or once per S for MCM. The algorithms are pure functions in
+`algorithms/`; run folders, resume checks and checkpoint files are `rundir.py`'s.
 """
 import argparse
 import contextlib
@@ -30,8 +29,9 @@ from data import images, loader, toy
 from networks import checkpoint
 
 # Each algorithm's defaults: toy data, iterations on toys (twice as many on images), Adam's lr on toys and images,
-# the target rate μ on toys (the papers' μ is tuned for 100k+ iterations), the s-input of CTM's network, the
-# student's dropout on image networks (None: the architecture's own), and the flags that apply only to it.
+# the target rate μ on toys (the papers' μ is tuned for 100k+ iterations; None: no target network), the s-input of
+# CTM's network, the student's dropout on images (None: the architecture's), and the flags that apply only to it.
+# The evaluation NFEs follow from the Config (`evaluate.eval_nfes`): EDM's Heun 35, MCM's S, else 1, 2 and 4.
 ALGOS = {
     "edm": dict(data="ring8", iters=2000, lr=(1e-3, 2e-4), mu=None, s_input=False, dropout=None, flags=()),
     "cd": dict(data="ring8", iters=3000, lr=(1e-3, 2e-4), mu=0.95, s_input=False, dropout=0.0,  # CM: student 0
@@ -41,51 +41,49 @@ ALGOS = {
     "mcm": dict(data="two_modes", iters=1500, lr=(1e-3, 2e-4), mu=None, s_input=False, dropout=None,
                 flags=("teacher", "init_from_teacher", "student_steps", "ct")),
 }
-DISTANCES = {"squared_l2": edm.squared_l2, "l2": edm.l2, "pseudo_huber": edm.pseudo_huber}  # --distance -> d(a, b)
+ALGO_FLAGS = ("teacher", "init_from_teacher", "precond", "distance", "mu", "gamma", "no_dsm", "student_steps", "ct")
 IMAGE_FLAGS = ("xflip", "fid", "arch", "workers", "dropout")
+DISTANCES = {"squared_l2": edm.squared_l2, "l2": edm.l2, "pseudo_huber": edm.pseudo_huber}  # --distance -> d(a, b)
 ARCHS = checkpoint.architectures()
-
 
 parser = argparse.ArgumentParser(description="Train EDM, CD, CTM or MCM (see README.md).")
 arg = parser.add_argument
 arg("--algo", required=True, choices=sorted(ALGOS), help="algorithm to train")
-arg("--data", default=None, help=f"2D toy ({', '.join(toy.DATASETS)}; default ring8, two_modes for mcm) or images: "
-    "digits, cifar10:PATH, folder:DIR, zip:FILE, npz:FILE, npy:FILE")
-arg("--arch", default=None, help=f"image network (default tiny-ddpmpp at the data's resolution): {', '.join(ARCHS)}")
-arg("--outdir", default=None, help="output folder (default runs/<algo>-<data>[-<variant>])")
-arg("--iters", type=rundir.pos_int, default=None, help="training iterations (default: per algorithm)")
+arg("--data", help=f"2D toy ({', '.join(toy.DATASETS)}; default ring8, two_modes for mcm) or images: digits, "
+    "cifar10:PATH, folder:DIR, zip:FILE, npz:FILE, npy:FILE")
+arg("--arch", help=f"image network (default tiny-ddpmpp at the data's resolution): {', '.join(ARCHS)}")
+arg("--outdir", help="output folder (default runs/<algo>-<data>[-<variant>])")
+arg("--iters", type=rundir.pos_int, help="training iterations (default: per algorithm)")
 arg("--batch", type=rundir.pos_int, default=256, help="global batch size, split across ranks")
-arg("--batch-gpu", type=rundir.pos_int, default=None, help="per-rank micro-batch (gradient accumulation)")
-arg("--lr", type=rundir.pos_float, default=None, help="Adam learning rate (default: per algorithm, toys and images)")
+arg("--batch-gpu", type=rundir.pos_int, help="per-rank micro-batch (gradient accumulation)")
+arg("--lr", type=rundir.pos_float, help="Adam learning rate (default: per algorithm, toys and images)")
 arg("--seed", type=rundir.nonneg_int, default=0)
 arg("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
 arg("--xflip", action="store_true", help="images: random horizontal flips")
 arg("--cond", action="store_true", help="class-conditional, when the data has labels (as EDM's --cond)")
-arg("--teacher", default=None, help="'exact' (default; toys and digits), an NVlabs EDM .pkl, or a run (folder or "
-    "checkpoint) of this script's --algo edm")
+arg("--teacher", help="'exact' (default; toys, digits), an NVlabs EDM .pkl, or a run of this script's --algo edm")
 arg("--init-from-teacher", action="store_true", help="initialise the student from the teacher network")
-arg("--precond", default=None, choices=["paper", "analytic"], help="cd/ctm: outer coefficients")
-arg("--distance", default=None, choices=sorted(DISTANCES), help="cd/ctm: the distance d")
-arg("--mu", type=rundir.rate, default=None, help="cd/ctm: target EMA rate μ of θ⁻, in [0, 1)")
-arg("--gamma", type=rundir.fraction, default=None, help="ctm: γ of the γ-sampler (0 deterministic, 1 CM's)")
+arg("--precond", choices=["paper", "analytic"], help="cd/ctm: outer coefficients")
+arg("--distance", choices=sorted(DISTANCES), help="cd/ctm: the distance d (default squared_l2)")
+arg("--mu", type=rundir.rate, help="cd/ctm: target EMA rate μ of θ⁻, in [0, 1)")
+arg("--gamma", type=rundir.fraction, help="ctm: γ of the γ-sampler (0 deterministic, 1 CM's)")
 arg("--no-dsm", action="store_true", help="ctm: train without the DSM term")
-arg("--student-steps", type=rundir.step_list, default=None,
-    help="mcm: S, or a comma list trained one after the other (default 1,2,4,8)")
-arg("--ct", action="store_true", help="mcm: consistency training, no teacher (Heek et al. Alg. 1, the true x)")
-arg("--dropout", type=rundir.rate, default=None, help="images: the student's dropout (default: the paper's)")
-arg("--ema-halflife", type=rundir.pos_float, default=None, help="evaluation EMA half-life in samples (default 20k on toys, "
-    "500k on images as EDM's CIFAR-10)")
+arg("--student-steps", type=rundir.step_list, help="mcm: S, or a comma list trained in turn (default 1,2,4,8)")
+arg("--ct", action="store_true", help="mcm: consistency training, no teacher (Heek et al. Alg. 1 with the true x)")
+arg("--dropout", type=rundir.rate, help="images: the student's dropout (default: the paper's)")
+arg("--ema-halflife", type=rundir.pos_float, help="evaluation EMA half-life in samples (default 20k toys, 500k images)")
 arg("--ema-rampup", type=rundir.fraction, default=0.05, help="EMA half-life ramp-up ratio (EDM: 0.05; 0: off)")
 arg("--log-every", type=rundir.pos_int, default=100)
-arg("--ckpt-every", type=rundir.nonneg_int, default=500, help="checkpoint interval in iterations (0: only at the end)")
+arg("--ckpt-every", type=rundir.nonneg_int, default=500, help="checkpoint interval in iterations (0: at the end)")
 arg("--max-skips", type=rundir.pos_int, default=20, help="stop after this many non-finite steps in a row")
-arg("--eval-samples", type=rundir.pos_int, default=None, help="evaluation samples (default 16384 on toys, 256 on images)")
-arg("--fid", type=rundir.nonneg_int, default=0, help="images: FID over this many samples at the end (needs the fid extra)")
-arg("--workers", type=rundir.nonneg_int, default=None, help="images: data loader workers (default 2)")
+arg("--eval-samples", type=rundir.at_least(4), help="evaluation samples (default 16384 on toys, 256 on images)")
+arg("--fid", type=rundir.nonneg_int, default=0, help="images: FID over this many samples at the end (fid extra)")
+arg("--workers", type=rundir.nonneg_int, help="images: data loader workers (default 2)")
 arg("--resume", action="store_true", help="continue from the newest checkpoint in --outdir")
 args = parser.parse_args()
 A = ALGOS[args.algo]
-rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
+                                                                      ("WORLD_SIZE", 1)))
 master, ddp = rank == 0, world_size > 1
 
 
@@ -94,37 +92,34 @@ def fail(message):
     parser.error(message) if master else sys.exit(2)
 
 
-for name in ("teacher", "init_from_teacher", "precond", "distance", "mu", "gamma", "no_dsm", "student_steps", "ct"):
-    if getattr(args, name) not in (None, False) and name not in A["flags"]:
-        owners = [a for a, d in ALGOS.items() if name in d["flags"]]
-        fail(f"--{name.replace('_', '-')} applies to --algo {' or '.join(owners)}, not {args.algo}")
 data_name = args.data or A["data"]
 is_toy = data_name in toy.DATASETS
-for name in IMAGE_FLAGS if is_toy else ():
-    if getattr(args, name) not in (None, False, 0):
-        fail(f"--{name.replace('_', '-')} applies to image data, not the 2D toy {data_name!r}")
+for name in ALGO_FLAGS + (IMAGE_FLAGS if is_toy else ()):
+    if getattr(args, name) not in (None, False, 0) and (name in IMAGE_FLAGS or name not in A["flags"]):
+        owners = " or ".join(a for a, d in ALGOS.items() if name in d["flags"])
+        fail(f"--{name.replace('_', '-')} applies to " + (f"image data, not the 2D toy {data_name!r}" if name in
+                                                          IMAGE_FLAGS else f"--algo {owners}, not {args.algo}"))
 if args.ct and args.teacher and not args.init_from_teacher:
     fail("--teacher with --ct only initialises the student: add --init-from-teacher")
 if args.batch % world_size:
     fail(f"--batch {args.batch} is not divisible by the number of processes ({world_size})")
-batch_local = args.batch // world_size
-batch_gpu = args.batch_gpu or batch_local
-if batch_local % batch_gpu:
-    fail(f"--batch-gpu {batch_gpu} does not divide the per-rank batch {batch_local}")
-accum = batch_local // batch_gpu  # micro-batches per rank and step
+batch_gpu = args.batch_gpu or args.batch // world_size
+if (args.batch // world_size) % batch_gpu:
+    fail(f"--batch-gpu {batch_gpu} does not divide the per-rank batch {args.batch // world_size}")
+accum = args.batch // world_size // batch_gpu  # micro-batches per rank and step
 steps = args.student_steps or ([1, 2, 4, 8] if args.algo == "mcm" else [None])
-outdir = args.outdir or rundir.default_outdir({**vars(args), "data": data_name}, vars(parser.parse_args(["--algo", args.algo])), {
-    "cond": args.cond, "analytic": args.precond == "analytic", "ct": args.ct, "teacher-net": args.teacher not in
-    (None, "exact"), f"S{steps[0]}": args.algo == "mcm" and args.student_steps and len(steps) == 1})
+variants = {"cond": args.cond, "analytic": args.precond == "analytic", "ct": args.ct, "teacher-net": args.teacher
+            not in (None, "exact"), f"S{steps[0]}": bool(args.student_steps) and len(steps) == 1}
+outdir = args.outdir or rundir.default_outdir({**vars(args), "data": data_name},
+                                              vars(parser.parse_args(["--algo", args.algo])), variants)
 try:
     rundir.check_writable(outdir)
+    if args.fid:
+        import torch_fidelity  # noqa: F401 - only checked here; data/fid.py uses it after training
 except rundir.RunError as e:
     fail(f"--outdir {e}")
-if args.fid:
-    try:
-        import torch_fidelity  # noqa: F401 - only checked here, used after training by data/fid.py
-    except ImportError:
-        fail("--fid needs torch-fidelity (the fid extra): pip install -e '.[fid]'")
+except ImportError:
+    fail("--fid needs torch-fidelity (the fid extra): pip install -e '.[fid]'")
 
 # ---------------------------------------------------------------- distributed set-up (read from torchrun's env)
 device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -143,7 +138,8 @@ if is_toy:
     num_train, label_dim, data_shape = len(x_train), dataset.label_dim if args.cond else 0, (dataset.dim,)
 else:
     try:
-        dataset = images.open_dataset(data_name)
+        # Decoded once per node into a memory-mapped cache that every rank and loader worker shares (data/images.py).
+        dataset = images.open_dataset(data_name, cache_dir=images.default_cache_dir())
     except (images.DatasetError, ImportError) as e:
         fail(f"--data {data_name}: {e}")
     num_train, label_dim = len(dataset), dataset.num_classes if args.cond else 0
@@ -154,15 +150,14 @@ data_record = dict(name=data_name, shape=list(data_shape), label_dim=label_dim)
 exact = dataset.denoiser if is_toy else images.EmpiricalTeacher(dataset).to(device) if data_name == "digits" else None
 
 
-def get_batch(indices):
-    """Training examples and one-hot labels (or None) at `indices`, on the device (for statistics and pictures)."""
-    x, y = (x_train[indices], y_train[indices] if y_train is not None else None) if is_toy else dataset.batch(indices)
-    return on_device(x, y)
-
-
 def on_device(x, y):
+    """A batch and its one-hot labels (None for an unconditional run) on the device."""
     y = None if y is None or not label_dim else y if is_toy else images.one_hot(y, label_dim)
     return x.to(device, non_blocking=True), (None if y is None else y.to(device, non_blocking=True))
+
+
+def examples(idx):
+    return on_device(*((x_train[idx], None if y_train is None else y_train[idx]) if is_toy else dataset.batch(idx)))
 
 
 # ---------------------------------------------------------------- the teacher φ (frozen) and the student's network
@@ -172,47 +167,38 @@ if args.teacher not in (None, "exact"):
         fail(f"--arch {args.arch}: the teacher {args.teacher} fixes the student's architecture")
     try:
         teacher_info = checkpoint.load_teacher(args.teacher)
+        why = checkpoint.teacher_mismatch(teacher_info, data_record, by_name=is_toy or data_name == "digits")
     except checkpoint.CheckpointError as e:
-        fail(f"--teacher {args.teacher}: {e}")
-    why = checkpoint.teacher_mismatch(teacher_info, data_record, by_name=is_toy or data_name == "digits")
+        why = str(e)
     if why:
         fail(f"--teacher {args.teacher}: {why}")
 elif args.init_from_teacher:
     fail("--init-from-teacher needs a teacher network (--teacher FILE), not the exact denoiser")
 elif args.algo != "edm" and not args.ct and exact is None:
     fail(f"--teacher: {data_name} has no exact denoiser (only the toys and digits do); give a teacher network")
-if args.algo == "edm" or args.ct:
-    teacher = None
-else:
-    teacher = exact if teacher_info is None else edm.Denoiser(teacher_info.net, fp16=teacher_info.use_fp16).to(device)
+teacher = None if args.algo == "edm" or args.ct else exact if teacher_info is None else edm.Denoiser(
+    teacher_info.net, fp16=teacher_info.use_fp16).to(device)
 arch = None if is_toy or teacher_info else args.arch or f"tiny-ddpmpp-{dataset.resolution}"
 if arch is not None and arch not in ARCHS:
-    fail(f"--arch {arch}: choose one of {', '.join(ARCHS)}" if args.arch else
-         f"--data {data_name}: no default architecture for {dataset.resolution}x{dataset.resolution} images; choose --arch")
+    fail(f"--arch {arch}: choose one of {', '.join(ARCHS)}" if args.arch else f"--data {data_name}: no default "
+         f"architecture for {dataset.resolution}x{dataset.resolution} images; choose --arch")
+iters = args.iters or A["iters"] * (1 if is_toy else 2)
+lr = args.lr or A["lr"][0 if is_toy else 1]
+ema_halflife = args.ema_halflife or (20_000 if is_toy else 500_000)
+spec = checkpoint.student_spec(teacher_info, arch, data_record, A["dropout"] if args.dropout is None else args.dropout,
+                               A["s_input"])
+run_args = {**vars(args), "data": data_name, "arch": arch, "lr": lr, "ema_halflife": ema_halflife, "outdir": outdir,
+            "dropout": spec["kwargs"].get("dropout"), "student_steps": steps}
 
 
 def configs():
     """The algorithm's Config with the paper's defaults, overridden by the flags given: one per run (per S)."""
-    cfg = evaluate.ALGOS[args.algo].Config()
     over = {k: getattr(args, k) for k in ("mu", "gamma") if getattr(args, k) is not None}
-    if args.no_dsm:
-        over["use_dsm"] = False
-    if is_toy and args.mu is None and A["mu"] is not None:
-        over["mu"] = A["mu"]
-    if args.algo == "mcm":
-        over["anneal_iters"] = iters // 2  # App. A.1: the teacher steps are annealed over half of the run
+    over.update({"use_dsm": False} if args.no_dsm else {}, **{"mu": A["mu"]} if is_toy and args.mu is None and A["mu"]
+                else {}, **{"anneal_iters": iters // 2} if args.algo == "mcm" else {})  # MCM App. A.1: half the run
+    cfg = dataclasses.replace(evaluate.ALGOS[args.algo].Config(), **over)
     return [(os.path.join(outdir, f"S{S}") if len(steps) > 1 else outdir,
-             dataclasses.replace(cfg, **over, **({} if S is None else dict(S=S)))) for S in steps]
-
-
-iters = args.iters or A["iters"] * (1 if is_toy else 2)
-lr = args.lr or A["lr"][0 if is_toy else 1]
-ema_halflife = args.ema_halflife or (20_000 if is_toy else 500_000)
-amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-spec = checkpoint.student_spec(teacher_info, arch, data_record, A["dropout"] if args.dropout is None else args.dropout,
-                              A["s_input"])
-run_args = {**vars(args), "data": data_name, "arch": arch, "lr": lr, "ema_halflife": ema_halflife,
-            "dropout": spec["kwargs"].get("dropout"), "student_steps": steps, "outdir": outdir}
+             cfg if S is None else dataclasses.replace(cfg, S=S)) for S in steps]
 
 
 def claim(folder):
@@ -222,17 +208,11 @@ def claim(folder):
         fail(f"--outdir {message}")
 
 
-def autocast():
-    """Mixed precision for every network call of a step, teacher and target included: bf16 autocast (CPU or GPU),
-    or fp16 autocast with a dynamic GradScaler (CUDA; also runs on CPU)."""
-    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-
-
 def analytic_statistics():
     """Analytic-Precond's ℓ and κ of the teacher (once per run, on rank 0), as the record that rebuilds its Stats."""
     t0, ap_cfg = time.time(), analytic_precond.Config(num_samples=1024 if is_toy else 256)
     idx = torch.randperm(num_train, generator=torch.Generator().manual_seed(args.seed))[:ap_cfg.num_samples]
-    x0, y0 = get_batch(idx)
+    x0, y0 = examples(idx)
     s = analytic_precond.compute_stats(ap_cfg, teacher, x0, y0, torch.Generator(device).manual_seed(1))
     log(f"Analytic-Precond statistics: {time.time() - t0:.1f}s")
     return {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.init}
@@ -252,14 +232,12 @@ def run(outdir, cfg):
     ema = copy.deepcopy(net).requires_grad_(False)  # evaluation EMA (EDM-style half-life), never a teacher
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr, foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    resumed = rundir.on_master(lambda: rundir.resume_state(outdir, run_args, log)[0], world_size) if args.resume and (
-        len(steps) == 1 or rundir.checkpoints(outdir)) else None
-    if resumed is not None and resumed[0] == "error":
-        fail(f"--resume: {resumed[1]}")
     step, elapsed, stats = 0, 0.0, None
-    if resumed is not None:  # rank 0 chose the checkpoint; a rank that cannot see the file gets it from rank 0
-        path = resumed[1]
-        state = rundir.load_everywhere(path, world_size)
+    if args.resume and (len(steps) == 1 or rundir.checkpoints(outdir)):  # rank 0 chooses the checkpoint
+        status, path = rundir.on_master(lambda: rundir.resume_state(outdir, run_args, log)[0], world_size)
+        if status == "error":
+            fail(f"--resume: {path}")
+        state = rundir.load_everywhere(path, world_size)  # a rank that cannot see the file gets it from rank 0
         if len(state["rng"]) != world_size:
             fail(f"--resume: {outdir} ran on {len(state['rng'])} processes, not {world_size}")
         for module, key in ((net, "net"), (ema, "ema"), (opt, "opt"), (scaler, "scaler"), (net_ema, "net_ema")):
@@ -281,9 +259,7 @@ def run(outdir, cfg):
     # CTM's adaptive DSM weight differentiates w.r.t. the output layer's weight: the last weight matrix or kernel
     # registered, skipping the s-input's layers, which every network registers after its output layer.
     last_layer = [p for k, p in net.named_parameters() if p.ndim > 1 and not checkpoint.is_s_key(k)][-1]
-    algo = evaluate.ALGOS[args.algo]
-    d = dict(outer=outer, distance=DISTANCES[args.distance or "squared_l2"])
-    extra = dict(cd=d, ctm=dict(**d, last_layer=last_layer)).get(args.algo, {})
+    algo, distance = evaluate.ALGOS[args.algo], DISTANCES[args.distance or "squared_l2"]
 
     def training_loss(x, labels, step, g):
         if args.algo == "edm":
@@ -291,39 +267,43 @@ def run(outdir, cfg):
         if args.algo == "mcm":
             return (algo.loss_ct(cfg, ddp_net, x, labels, step=step, generator=g) if args.ct else
                     algo.loss(cfg, ddp_net, teacher, x, labels, step=step, generator=g))
-        if args.algo == "ctm":  # λ's gradients are taken of the scaled losses: unscaled, they underflow in fp16
-            extra["grad_scale"] = scaler.get_scale() if scaler.is_enabled() else 1.0
-        return algo.loss(cfg, ddp_net, net_ema, teacher, x, labels, generator=g, **extra)
+        if args.algo == "cd":
+            return algo.loss(cfg, ddp_net, net_ema, teacher, x, labels, g, outer, distance)
+        # λ's gradients are taken of the scaled losses: unscaled, they underflow in fp16
+        return algo.loss(cfg, ddp_net, net_ema, teacher, x, labels, g, outer, distance, last_layer,
+                         grad_scale=scaler.get_scale() if scaler.is_enabled() else 1.0)
 
     def save(step):  # every rank's RNG state is gathered, so each continues its own stream after a resume
         rngs = rundir.rng_states(device, world_size)
         if master:
             state = dict(step=step, net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rngs,
-                         scaler=scaler.state_dict(), args=run_args, model=model, elapsed=elapsed + time.time() - t_start,
-                         **({} if net_ema is None else dict(net_ema=net_ema.state_dict())))
+                         scaler=scaler.state_dict(), args=run_args, model=model,
+                         elapsed=elapsed + time.time() - t_start)
+            if net_ema is not None:
+                state["net_ema"] = net_ema.state_dict()
             try:
                 rundir.save_checkpoint(state, outdir, step)
             except rundir.RunError as e:
                 raise SystemExit(f"stopping: {e}") from None
             evaluate.snapshot(os.path.join(outdir, f"samples-{step:07d}.png"), model, copy.deepcopy(ema), device,
-                              log, x_train[:512] if is_toy else None, outer)
+                              log, x_train[:512] if is_toy else examples(torch.arange(min(num_train, 64)))[0], outer)
 
     log_file = rundir.StatsLog(os.path.join(outdir, "stats.jsonl"), step) if master else None
     skips_in_row, skips_total, t_start, step0 = 0, 0, time.time(), step
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, count] since the last log line
     # The examples of a micro-batch, and its noise, depend only on (seed, step, its global position j), so N ranks
     # and one rank with N-fold accumulation see identical examples and noise, and a resume needs no loader state.
-    train_data = (x_train, y_train) if is_toy else dataset
-    batches = loader.batches(train_data, args.seed, args.batch, batch_gpu, rank, accum, step, iters, args.xflip,
-                             0 if is_toy else 2 if args.workers is None else args.workers, device.type == "cuda")
+    batches = loader.batches((x_train, y_train) if is_toy else dataset, args.seed, args.batch, batch_gpu, rank, accum,
+                             step, iters, args.xflip, 0 if is_toy else 2 if args.workers is None else args.workers,
+                             device.type == "cuda")
     while step < iters:
         opt.zero_grad(set_to_none=True)
         for m in range(accum):
-            _, _, x, labels = next(batches)
-            x, labels = on_device(x, labels)
+            x, labels = on_device(*next(batches)[2:])
             g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 4099 + rank * accum + m)
             with ddp_net.no_sync() if ddp and m < accum - 1 else contextlib.nullcontext():
-                with autocast():
+                with torch.autocast(device.type, dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}.get(
+                        args.precision, "float32")), enabled=args.precision != "fp32"):  # teacher and target too
                     loss = training_loss(x, labels, step, g).float().mean()
                 scaler.scale(loss / accum).backward()
             loss_sum += torch.stack([loss.detach().double() * len(x), torch.tensor(len(x), device=device)])
@@ -333,11 +313,8 @@ def run(outdir, cfg):
         if torch.isfinite(grad_norm):
             scaler.step(opt)
             skips_in_row = 0
-        elif scaler.is_enabled() and scaler.get_scale() > 1.0:
-            # fp16: an overflow is GradScaler's ordinary signal to halve its scale (from 2^16), not a failure;
-            # a skip counts only once the scale has fallen below 1, where overflow no longer explains it.
-            pass
-        else:
+        elif not (scaler.is_enabled() and scaler.get_scale() > 1.0):
+            # (fp16: above a scale of 1 an overflow is GradScaler's ordinary signal to halve the scale, not a failure)
             skips_in_row, skips_total = skips_in_row + 1, skips_total + 1
             log(f"iteration {step}: non-finite loss or gradient, step skipped ({skips_in_row} in a row)")
             if skips_in_row >= args.max_skips:
@@ -352,12 +329,11 @@ def run(outdir, cfg):
         if step % args.log_every == 0 or step == iters:
             if ddp:
                 dist.all_reduce(loss_sum)
-            mean_loss = (loss_sum[0] / loss_sum[1]).item()
+            mean_loss, rate = (loss_sum[0] / loss_sum[1]).item(), (step - step0) * args.batch / (time.time() - t_start)
             loss_sum.zero_()
-            rate = (step - step0) * args.batch / (time.time() - t_start)
-            h = -args.batch / math.log2(beta)  # the EMA's current half-life in samples
-            log(f"iter {step:6d}/{iters}  {rate:8.0f} samples/s  loss {mean_loss:.4g}  skipped {skips_total}  "
-                f"EMA half-life {h / 1000:.3g}k  ETA {(iters - step) * args.batch / rate:5.0f}s", flush=True)
+            half_life = -args.batch / math.log2(beta)  # the evaluation EMA's, after its ramp-up
+            log(f"iter {step:6d}/{iters}  {rate:8.0f} samples/s  loss {mean_loss:.4g}  skipped {skips_total}  EMA "
+                f"half-life {half_life / 1000:.3g}k  ETA {(iters - step) * args.batch / rate:5.0f}s", flush=True)
             if master:
                 log_file.write(iter=step, loss=mean_loss, samples_per_s=rate, skipped=skips_total,
                                time=elapsed + time.time() - t_start)
@@ -373,38 +349,21 @@ _refs = {}  # the ODE references from the evaluation noise, shared by the studen
 def finish(outdir, model, ema, outer, step):
     """Rank 0: samples at every NFE from the same noise as the references, metrics.json and a picture. Every rank:
     FID, sharded over the ranks."""
-    res = None
+    res, n = {"by_nfe": {nfe: {} for nfe in evaluate.eval_nfes(model)}}, args.eval_samples or (16384 if is_toy else 256)
     if master:
-        n = args.eval_samples or (16384 if is_toy else 256)
-        # Toys: float64 on the CPU, so that the gap measures distillation and not rounding. Images: the run's device.
-        dev, dtype = (torch.device("cpu"), torch.float64) if is_toy else (device, torch.float32)
-        noise, labels, _ = evaluate.seeded(range(10**6, 10**6 + n), data_shape, label_dim, device=dev)
-        moved = lambda D: copy.deepcopy(D).to(dev, dtype) if isinstance(D, torch.nn.Module) else D
-        data = {}
-        if is_toy and n >= 16384:  # held-out data (other seeds than the training set) for distances to data
-            g = torch.Generator().manual_seed(args.seed + 10**6)
-            data = dict(x_data=dataset.sample(16384, g)[0], x_data_fresh=dataset.sample(n, g)[0])
-        out = evaluate.evaluate(model, copy.deepcopy(ema).to(dev, dtype).eval(), None if teacher is exact else
-                                moved(teacher), noise.to(dtype), None if labels is None else labels.to(dtype),
-                                moved(exact), dataset.nearest_component if is_toy else None, **data,
-                                generator=torch.Generator(dev).manual_seed(2), outer=outer, refs=_refs)
-        x_data = x_train[:2000] if is_toy else get_batch(torch.arange(min(num_train, 64)))[0]
+        out = evaluate.evaluate_run(model, ema, teacher, exact, dataset, n, device, args.seed, outer, _refs)
         res = dict(algo=args.algo, data=data_name, iters=step, precond=args.precond or "paper", ct=args.ct,
-                   eval_samples=n, by_nfe=out["by_nfe"])
+                   eval_samples=n, by_nfe=out["by_nfe"], _out=out)
         for nfe, m in res["by_nfe"].items():
             log(f"  NFE {nfe:3d}: " + evaluate.summary(m))
-        panels = {**{f"{k} NFE": v for k, v in out["samples"].items()}, **out["refs"]}
-        evaluate.picture("samples", os.path.join(outdir, "samples.png"), log, panels, f"{args.algo} on {data_name}" +
-                (f", S = {model['cfg']['S']}" if args.algo == "mcm" else ""), x_data, {f"{k} NFE": v for k, v in out["paths"].items()})
-        res["_out"] = out
-    if args.fid:
-        from data import fid
-        for nfe in evaluate.eval_nfes(model):
-            value = fid.fid_sharded(lambda seeds: evaluate.sample(model, ema.eval(), *evaluate.seeded(
-                seeds, data_shape, label_dim, device=device)[:2], nfe, outer=outer), dataset, args.fid, rank, world_size)
-            if master:
-                res["by_nfe"][nfe]["fid"] = value
-                log(f"  NFE {nfe:3d}: FID {value:.3f} over {args.fid} samples")
+        evaluate.picture("samples", os.path.join(outdir, "samples.png"), log, {
+            **{f"{k} NFE": v for k, v in out["samples"].items()}, **out["refs"]}, f"{args.algo} on {data_name}" +
+            (f", S = {model['cfg']['S']}" if args.algo == "mcm" else f", {args.precond or 'paper'} preconditioning"
+             if args.algo in ("cd", "ctm") else ""), x_train[:2000] if is_toy else examples(
+            torch.arange(min(num_train, 64)))[0], {f"{k} NFE": v for k, v in out["paths"].items()})
+    for nfe, value in (evaluate.fid_by_nfe(model, ema, dataset, args.fid, rank, world_size, device, outer, log)
+                       if args.fid else {}).items():
+        res["by_nfe"][nfe]["fid"] = value
     if master:
         rundir.write_json(os.path.join(outdir, "metrics.json"), {k: v for k, v in res.items() if k != "_out"})
     return res
@@ -416,13 +375,9 @@ if len(steps) > 1:  # several S: the parent folder is this run's too (its summar
     claim(outdir)
 results = [run(d, cfg) for d, cfg in configs()]
 if master and len(results) > 1:  # MCM over several S: one summary (and for toys a Fig. 1-style picture of the paths)
-    rundir.write_json(os.path.join(outdir, "metrics.json"), {f"S={S}": m for r in results for S, m in r["by_nfe"].items()})
     outs = [r["_out"] for r in results]
-    evaluate.picture("samples", os.path.join(outdir, "samples.png"), log, {**{f"S = {k}": v for o in outs for k, v in o["samples"].items()},
-            **outs[0]["refs"]}, "MCM: S-step samples", x_train[:2000] if is_toy else None)
-    if is_toy:  # Heek et al. Fig. 1: the S-step paths against the teacher's ODE paths from the same noise
-        paths = {f"S = {k}": torch.stack(p)[:, :32] for o in outs for k, p in o["paths"].items()}  # [S+1, 32, 2]
-        evaluate.picture("mcm_paths", os.path.join(outdir, "trajectories.png"), log, dataset.denoiser, paths)
+    rundir.write_json(os.path.join(outdir, "metrics.json"), {f"S={S}": m for o in outs for S, m in o["by_nfe"].items()})
+    evaluate.mcm_summary(outdir, outs, x_train[:2000] if is_toy else None, dataset.denoiser if is_toy else None, log)
 if ddp:
     dist.barrier()  # the other ranks wait for rank 0's evaluation: tearing gloo down under it aborts the process
     dist.destroy_process_group()

@@ -21,7 +21,7 @@ which must match the installed torch.
 Papers report FID over 50,000 generated samples (EDM, CM and CTM alike), and `fid` defaults to that; the
 reference statistics are those of every image of the dataset given, the training set as in EDM's `fid.py`.
 FID on the 8x8 digits runs (the images are upsampled to 299x299) but is not a number to compare with anything.
-The helpers run in one process: under DDP, compute FID on rank 0.
+These functions run in one process: under DDP, compute FID on rank 0.
 """
 
 import torch

@@ -52,6 +52,7 @@ import os
 import pickle
 import shutil
 import tarfile
+import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -415,10 +416,16 @@ def _open_npy(path):
 _CACHE_FORMAT = 1  # bump when the cache layout changes
 
 
-def _fingerprint(path):
+def _fingerprint(kind, path):
     """What identifies the source's contents cheaply: path, size and modification time of the file, or of every
-    file under the folder, so an edited or replaced dataset never reuses a stale cache."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    file it reads from the folder, so an edited or replaced dataset never reuses a stale cache."""
+    if not path.is_dir():
+        files = [path]
+    elif kind == "cifar10":  # only the five training batches, wherever the folder is
+        folder = path / _CIFAR_DIR if (path / _CIFAR_DIR).is_dir() else path
+        files = [folder / name for name in _CIFAR_TRAIN if (folder / name).is_file()]  # a missing one: said later
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file())
     digest = hashlib.sha256(f"{_CACHE_FORMAT}\n{path.resolve()}\n".encode())
     for p in files:
         st = p.stat()
@@ -427,7 +434,7 @@ def _fingerprint(path):
 
 
 def _cached(kind, path, opener, cache_dir):
-    """The dataset at `path`, decoded once into `cache_dir/<name>-<fingerprint>/` and memory-mapped from there.
+    """The dataset at `path`, decoded once into `cache_dir/<kind>-<name>-<fingerprint>/` and memory-mapped from there.
 
     Of several processes that open the same dataset at once (the ranks of a node), the first to take the entry's
     lock decodes it, the others wait on the lock and then map the finished entry; every process holds the same
@@ -435,7 +442,7 @@ def _cached(kind, path, opener, cache_dir):
     place, so it either exists complete or not at all, also if the decoding fails or is killed, or if processes on
     several machines share the folder (the lock then only saves repeated work).
     """
-    entry = cache_dir / f"{kind}-{path.name}-{_fingerprint(path)}"
+    entry = cache_dir / f"{kind}-{path.name}-{_fingerprint(kind, path)}"
     if not entry.is_dir():
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -454,9 +461,7 @@ def _cached(kind, path, opener, cache_dir):
 
 
 def _build_entry(entry, kind, path, opener):
-    tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix=f"{entry.name}.tmp-", dir=entry.parent))  # unique, also across machines
     try:
         if kind in ("folder", "zip"):  # decoded straight into the file: no copy of the set in this process either
             ds = opener(path, lambda shape, dtype: np.lib.format.open_memmap(tmp / "images.npy", "w+", dtype, shape))
@@ -518,6 +523,13 @@ class EmpiricalTeacher(torch.nn.Module):
         self.points = GaussianMixture("images", x0.double().flatten(1), 0.0, classes=labels)
         self.img_resolution, self.img_channels = dataset.resolution, dataset.channels
         self.label_dim = dataset.num_classes
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the point set too, in float64 whatever the dtype asked, so no call copies it again.
+        device, pts = fn(torch.empty(0, dtype=torch.float64)).device, self.points
+        pts.means, pts.log_w = pts.means.to(device), pts.log_w.to(device)
+        pts.classes = None if pts.classes is None else pts.classes.to(device)
+        return super()._apply(fn, recurse)
 
     def forward(self, x, sigma, class_labels=None):
         if class_labels is not None and self.label_dim == 0:

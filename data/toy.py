@@ -90,7 +90,7 @@ def ode_solve(D, x, t, s, labels=None, steps_per_unit=20):
     classical RK4 with `steps_per_unit` steps per unit of λ (212 steps from 80 to 0.002 at the default) is
     accurate to far below 1e-4 (checked by `tests/test_toy.py`). t and s may be floats or per-example [B]."""
     x = x.to(torch.float64)
-    lam_t, lam_s = column(t, x).log(), column(s, x).log()                 # [B, 1]
+    lam_t, lam_s = column(t, x).log(), column(s, x).log()                 # [B, 1, ...]
     if bool((lam_s > lam_t).any()):
         raise ValueError("ode_solve integrates towards smaller noise: every s must be <= t")
     n = max(1, math.ceil(float((lam_t - lam_s).abs().max()) * steps_per_unit))

@@ -75,7 +75,8 @@ def cm_f(net, x, t, labels=None, eps=SIGMA_MIN, sd=SIGMA_DATA):
 
 
 def ctm_g(net, x, t, s, labels=None, sd=SIGMA_DATA):
-    """CTM Sec. 3: g(x_t, t, s) = c_skip(t)·x_t + c_out(t)·NN(c_in(t)·x_t, c_noise(t), c_noise(s)), EDM Table 1 of t."""
+    """CTM's inner denoiser: g(x_t, t, s) = c_skip(t)·x_t + c_out(t)·NN(c_in(t)·x_t, c_noise(t), c_noise(s)), with
+    EDM's Table 1 coefficients of t."""
     t = torch.as_tensor(t, dtype=f64).expand(x.shape[0])
     s = torch.as_tensor(s, dtype=f64).expand(x.shape[0])
     c_skip, c_out, c_in, c_noise = edm_c(t, sd)
@@ -83,7 +84,7 @@ def ctm_g(net, x, t, s, labels=None, sd=SIGMA_DATA):
 
 
 def ctm_G(net, x, t, s, labels=None, sd=SIGMA_DATA):
-    """CTM Sec. 3: G(x_t, t, s) = (s/t)·x_t + (1 − s/t)·g(x_t, t, s), g = c_skip(t)·x_t + c_out(t)·NN(c_in(t)·x_t,
+    """CTM's jumper: G(x_t, t, s) = (s/t)·x_t + (1 − s/t)·g(x_t, t, s), g = c_skip(t)·x_t + c_out(t)·NN(c_in(t)·x_t,
     c_noise(t), c_noise(s)) with EDM's Table 1 coefficients of t."""
     t = torch.as_tensor(t, dtype=f64).expand(x.shape[0])
     s = torch.as_tensor(s, dtype=f64).expand(x.shape[0])

@@ -104,13 +104,30 @@ def test_a_nested_storage_record_is_read_weights_only(tmp_path):
     assert not marker.exists()
 
 
-def test_a_nested_storage_record_of_a_tensor_is_served_and_one_of_no_bytes_is_refused():
-    t = torch.arange(5.0)
-    data = pickle.dumps(Calls(torch.storage._load_from_bytes, legacy_torch_save(t)), protocol=4)
-    assert torch.equal(checkpoint._RestrictedUnpickler(io.BytesIO(data)).load(), t)
+def test_a_storage_record_of_no_bytes_is_refused():
     bad = pickle.dumps(Calls(torch.storage._load_from_bytes, "not bytes"), protocol=4)
     with pytest.raises(pickle.UnpicklingError, match="does not hold bytes"):
         checkpoint._RestrictedUnpickler(io.BytesIO(bad)).load()
+
+
+def test_tensor_and_parameter_records_with_hooks_or_metadata_are_refused():
+    """A plain network pickle holds dense tensors and parameters without backward hooks or tensor metadata; a hook
+    is a callable that would run on the first backward pass."""
+    t = torch.arange(6.0).reshape(2, 3)
+    storage, offset, size, stride = t.untyped_storage(), 0, (2, 3), (3, 1)
+    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.float32, _internal=True)
+    rebuild, parameter = checkpoint._ALLOWED[("torch._utils", "_rebuild_tensor_v2")], checkpoint._ALLOWED[
+        ("torch._utils", "_rebuild_parameter")]
+    assert torch.equal(rebuild(typed, offset, size, stride, False, OrderedDict()), t)
+    for args in [(typed, offset, size, stride, False, OrderedDict(h=print)), (typed, offset, size, stride, False,
+                 OrderedDict(), {"x": 1}), (typed, 0.5, size, stride, False, OrderedDict()), (t, offset, size, stride,
+                 False, OrderedDict())]:
+        with pytest.raises(pickle.UnpicklingError, match="refused tensor record"):
+            rebuild(*args)
+    assert torch.equal(parameter(t, True, OrderedDict()), t)
+    for args in [(t, True, OrderedDict(h=print)), ([1.0], True, OrderedDict()), (t, 1, OrderedDict())]:
+        with pytest.raises(pickle.UnpicklingError, match="refused parameter record"):
+            parameter(*args)
 
 
 @pytest.mark.parametrize("data", [b"\x80\x02X\x03\x00\x00\x00abcQ.", b"\x80\x02Pabc\n."], ids=["BINPERSID", "PERSID"])

@@ -232,6 +232,14 @@ def test_loss_without_dsm_is_the_ctm_distance_at_x_t_equal_x0_plus_t_z():
     torch.testing.assert_close(L, ctm.ctm_distance(cfg, net, net, teacher, x_t, n, k, m), rtol=1e-12, atol=0.0)
 
 
+def test_ctm_distance_uses_the_distance_it_is_given():
+    cfg, net, teacher = ctm.Config(use_dsm=False), random_mlp(4), toy.ring8().denoiser
+    grid, n, k, m, x_t = draw(cfg, 64, seed=5)
+    d = lambda distance: ctm.ctm_distance(cfg, net, net, teacher, x_t, n, k, m, distance=distance)
+    assert float(d(edm.squared_l2).min()) > 0
+    torch.testing.assert_close(d(edm.l2), (2 * d(edm.squared_l2)).sqrt(), rtol=1e-12, atol=0.0)  # ‖δ‖ = sqrt(2·mean δ²)
+
+
 # ---- DSM and the adaptive balance ----------------------------------------------------------------------------------
 
 class ExactDenoiserNet(nn.Module):

@@ -28,7 +28,7 @@ def test_ema_update_is_rate_times_average_plus_one_minus_rate_times_network(rate
 
 
 def test_ema_update_with_rate_zero_copies_and_with_rate_one_keeps_exactly():
-    """μ = 0 is CD's CIFAR-10 setting θ⁻ = sg(θ) (CM Sec. 5): the target must be the online weights bit for bit."""
+    """μ = 0 is CD's CIFAR-10 setting θ⁻ = sg(θ) (CM's code): the target must be the online weights bit for bit."""
     avg, net = mlp(0), mlp(1)
     keep = copy.deepcopy(avg)
     edm.ema_update_(avg, net, 1.0)

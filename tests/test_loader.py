@@ -92,7 +92,7 @@ def test_zero_and_two_workers_give_bitwise_equal_batches(images):
 
 def test_a_dataset_smaller_than_the_batch_fills_every_micro_batch():
     small = ImageDataset(PIXELS[:10], None, 0, 255, "ten images")
-    for step, m, x, labels in loader.batches(small, 0, 32, 16, 0, 2, 0, 3):
+    for _, _, x, labels in loader.batches(small, 0, 32, 16, 0, 2, 0, 3):
         assert x.shape == (16, C, R, R) and labels is None
     for step in range(3):  # 32 = 3 permutations of the 10 and 2 more: each image 3 or 4 times
         idx = np.concatenate([expected_micro_batch(10, 0, 32, 16, step, j)[0] for j in range(2)])

@@ -237,7 +237,8 @@ class GlobalNoise(torch.nn.Module):
 
 def test_cd_student_and_target_passes_see_the_same_dropout_masks():
     """The target pass runs under a forked RNG, so the student pass draws the same masks (CM's code): with F = the
-    same uniform draw R in both passes, L = d(c_skip(t_{n+1}) x_{t_{n+1}} + c_out(t_{n+1}) R, c_skip(t_n) x̂ + c_out(t_n) R)."""
+    same uniform draw R in both passes,
+    L = d(c_skip(t_{n+1}) x_{t_{n+1}} + c_out(t_{n+1}) R, c_skip(t_n) x̂ + c_out(t_n) R)."""
     cfg, ds, B = cd.Config(**CD_CFG), toy.ring8(), 64
     x = ds.sample(B, torch.Generator().manual_seed(0))[0]
     torch.manual_seed(11)

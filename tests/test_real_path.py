@@ -129,7 +129,7 @@ def write_cifar10(folder, per_batch, seed=0):
     for i in range(1, 6):
         batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
                  b"labels": rng.integers(0, 10, per_batch).tolist()}
-        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=2))
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=4))
     return folder
 
 

@@ -95,3 +95,17 @@ def test_a_point_set_denoiser_returns_the_nearest_point_at_small_sigma_and_the_m
     torch.testing.assert_close(ds.denoiser(pts + 1e-5, 1e-4), pts, rtol=0, atol=1e-12)
     far = ds.denoiser(torch.zeros(3, 2, dtype=f64), 1e4)
     torch.testing.assert_close(far, ds.means.mean(0).expand(3, 2), rtol=0, atol=1e-6)
+
+
+def test_nearest_component_is_the_posterior_mode_and_for_a_point_set_the_nearest_point():
+    """argmax_k ln w_k − ‖x − μ_k‖²/(2 std²): the generating component of well-separated samples; at the midpoint of
+    two equally distant components the heavier weight wins; for std = 0 the nearest point."""
+    x, labels = MIX.sample(2000, torch.Generator().manual_seed(4))
+    k = MIX.nearest_component(x)
+    d = (x[:, None, :] - MIX.means[None]).norm(dim=-1)
+    assert torch.equal(k, d.argmin(1))                                      # modes ≥ 1.9 apart, std = 0.3
+    mid = ((MIX.means[1] + MIX.means[2]) / 2)[None]                         # weights 0.5 (k = 1) and 0.3 (k = 2)
+    assert MIX.nearest_component(mid).tolist() == [1]
+    sp = toy.spiral()
+    q = sp.means[[3, 100, 399]] + 1e-4
+    assert sp.nearest_component(q).tolist() == [3, 100, 399]
