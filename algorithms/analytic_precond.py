@@ -333,11 +333,12 @@ READINGS = (backward_explicit, start_anchored, kappa_zero, implicit_backward)
 def coefficients(stats, t, s):
     """The default reading, β(t,s) and α(t,s) float64 [B] for t ≥ s: `implicit_backward`.
 
-    Why (docs §5): of the readings that keep both sourced parameters, it is the only one bounded for all t > s on
-    every teacher measured, its one-step coefficients are within a few per cent of CTM's (the paper's Fig. 2
-    statement), "backward Euler" in its usual numerical meaning is the implicit step, and in CTM training it is no
-    worse than CTM's own coefficients (docs/results.md, claim 1). What would change the choice: the paper's text
-    showing an explicit target-anchored step, or a teacher on which it trains worse than CTM."""
+    Why (docs §5): no reading meets every sourced statement. This one keeps both sourced parameters, is a backward
+    step ("backward Euler" in its usual numerical meaning is the implicit one), is bounded for all t > s on every
+    teacher measured, its single-jump coefficients are within a few per cent of CTM's (Fig. 2), and in CTM training
+    it is no worse than CTM's own coefficients (docs/results.md, claim 1). It does not shrink the consistency gap
+    (κ ≡ 0 does, but its single jumps are far from CTM's). What would change the choice: the paper's text showing
+    an explicit or κ-free step, or a teacher on which this reading trains worse than CTM, or κ ≡ 0 better."""
     return implicit_backward(stats, t, s)
 
 
