@@ -41,7 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from algorithms import edm
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     num_intervals: int = 120            # reviews: "120 different times" (120 intervals, 121 points: docs §4)
     num_samples: int = 4096             # reviews: "4096 samples to estimate expectations"
@@ -62,6 +62,10 @@ class Stats:
     fingerprint: dict | None = None
 
     def __post_init__(self):
+        shapes = {tuple(v.shape) for v in (self.lam, self.ell, self.kappa)}
+        if len(shapes) != 1 or len(self.lam.shape) != 1 or len(self.lam) < 3 or not bool((self.lam.diff() > 0).all()):
+            raise ValueError(f"analytic_precond.Stats needs lam, ell, kappa of one 1-D shape with >= 3 points and lam "
+                             f"increasing, got shapes {[tuple(v.shape) for v in (self.lam, self.ell, self.kappa)]}")
         self._tables = {}  # device -> Tables, built on first use; not a field, so asdict and replace leave it out
 
 
@@ -333,11 +337,12 @@ READINGS = (backward_explicit, start_anchored, kappa_zero, implicit_backward)
 def coefficients(stats, t, s):
     """The default reading, β(t,s) and α(t,s) float64 [B] for t ≥ s: `implicit_backward`.
 
-    Why (docs §5): of the readings that keep both sourced parameters, it is the only one bounded for all t > s on
-    every teacher measured, its one-step coefficients are within a few per cent of CTM's (the paper's Fig. 2
-    statement), "backward Euler" in its usual numerical meaning is the implicit step, and in CTM training it is no
-    worse than CTM's own coefficients (docs/results.md, claim 1). What would change the choice: the paper's text
-    showing an explicit target-anchored step, or a teacher on which it trains worse than CTM."""
+    Why (docs §5): no reading meets every sourced statement. This one keeps both sourced parameters, is a backward
+    step ("backward Euler" in its usual numerical meaning is the implicit one), is bounded for all t > s on every
+    teacher measured, its single-jump coefficients are within a few per cent of CTM's (Fig. 2), and in CTM training
+    it is no worse than CTM's own coefficients (docs/results.md, claim 1). It does not shrink the consistency gap
+    (κ ≡ 0 does, but its single jumps are far from CTM's). What would change the choice: the paper's text showing
+    an explicit or κ-free step, or a teacher on which this reading trains worse than CTM, or κ ≡ 0 better."""
     return implicit_backward(stats, t, s)
 
 
@@ -346,6 +351,8 @@ def check_bounded(stats, sigma_min=edm.SIGMA_MIN, sigma_max=edm.SIGMA_MAX, readi
     λ-uniform grid on [σ_min, σ_max]: |β| ≤ 1 + ln(t/s) and |α| ≤ σ_d·max(1, ln(t/s)), the larger of the bounds
     that CTM's jumper and every κ-free first-order step with 0 ≤ ℓ ≤ 1 obey. Otherwise a message that says where
     it fails and what to do."""
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"check_bounded needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
     t_grid = torch.logspace(math.log10(sigma_min), math.log10(sigma_max), points, dtype=torch.float64)
     i, j = torch.triu_indices(points, points, 1)
     t, s = t_grid[j], t_grid[i]                                                     # every pair with t > s
