@@ -32,7 +32,7 @@ for; with ℓ ≡ κ ≡ 0 every one is CTM's jumper (s/t)·x_t + (1 − s/t)·D
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -60,7 +60,9 @@ class Stats:
     kappa: torch.Tensor
     sigma_data: float = edm.SIGMA_DATA
     fingerprint: dict | None = None
-    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        self._tables = {}  # device -> Tables, built on first use; not a field, so asdict and replace leave it out
 
 
 def lambda_grid(cfg):

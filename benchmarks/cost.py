@@ -1,4 +1,4 @@
-"""Claim 6 of issue 8: the cost of a training iteration of each algorithm, in plain-denoiser units, and the one-off
+"""Claim 6: the cost of a training iteration of each algorithm, in plain-denoiser units, and the one-off
 cost of the Analytic-Precond statistics.
 
 Every algorithm here is a loss around the same network. Its iteration costs a number of network calls that can be
@@ -12,7 +12,7 @@ backward through a frozen network to its input only, ≈ 1F):
     mcm            1 student F+B, 1 target F (stop-gradient), 1 teacher F (Alg. 1)       = 1 + 2/3 ≈ 1.67
     ctm, no DSM    1 student F+B (G_θ), 1 frozen-target F + input-backward (G_θ⁻ of the
                    estimate), 2 no-grad F (target branch), 2k teacher F (k Heun steps,
-                   P(k) ∝ k on 1..17, E[2k] = 23.3; ctm.md §5)                           ≈ 1 + (2 + 2 + 23.3)/3 ≈ 10.1
+                   P(k) ∝ k on 1..17, E[2k] = 23.3; CTM's public code)                  ≈ 1 + (2 + 2 + 23.3)/3 ≈ 10.1
     ctm            + DSM: 1 student F+B, and the adaptive weight's gradient of L_CTM with
                    respect to θ_L, which runs back through the frozen target once more    ≈ 10.1 + 1 + 1/3 ≈ 11.4
     ctm + AP       as ctm; the coefficients are scalar interpolations (no network call)    ≈ 11.4
@@ -21,30 +21,23 @@ The "expected" column below uses the teacher calls actually made in the timed it
 on a shared CPU are inflated; all rows are measured interleaved in one run, so their ratios are comparable.
 
 The Analytic-Precond statistics (analytic_precond.compute_stats: per grid time and sample one JVP for ℓ_t, then one
-forward and one JVP for κ_t; 121 times × 4096 samples in the paper, analytic_precond.md §3.6) are timed on a reduced
+forward and one JVP for κ_t; 121 times × 4096 samples as reported for the paper) are timed on a reduced
 grid and extrapolated linearly in (grid times × samples), then compared with CTM training runs of typical length.
 
     python -m benchmarks.cost            # full mode
     python -m benchmarks.cost --quick    # smoke test, seconds
 """
-import argparse
 import copy
-import json
-import math
-import os
 import time
 
-import matplotlib
 import torch
 
 from algorithms import analytic_precond, cd, ctm, edm, mcm
+from benchmarks import common
 from data import toy
 from networks import checkpoint
 from networks.edm_unet import SONGUNET_CONFIGS, SongUNet
 from networks.mlp import MLP
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
 FULL = dict(repeats=5, iters={"mlp": 10, "unet": 2}, batch={"mlp": 256, "unet": 32}, stat_intervals=4,
             stat_samples={"mlp": 1024, "unet": 64}, toy_run_iters=3000, toy_run_batch=256, image_run_iters=6000,
@@ -52,9 +45,9 @@ FULL = dict(repeats=5, iters={"mlp": 10, "unet": 2}, batch={"mlp": 256, "unet": 
 QUICK = dict(repeats=2, iters={"mlp": 2, "unet": 1}, batch={"mlp": 64, "unet": 4}, stat_intervals=2,
              stat_samples={"mlp": 64, "unet": 4}, toy_run_iters=3000, toy_run_batch=256, image_run_iters=6000,
              image_run_batch=256)
-PAPER_STATS = (121, 4096)               # analytic_precond.md §3.6: 120 intervals (121 times) × 4096 samples
-PAPER_RUN = (100_000, 256)              # ctm.md §8: CIFAR-10 CTM+DSM, ~100k iterations at batch 256
-E_TWO_K = 2 * sum(k * k for k in range(1, 18)) / sum(range(1, 18))   # E[2k] for P(k) ∝ k on 1..17 (ctm.md §5)
+PAPER_STATS = (121, 4096)               # 120 intervals (121 times) × 4096 samples, as reported for the paper
+PAPER_RUN = (100_000, 256)              # CTM's CIFAR-10 scale: ~100k iterations at batch 256
+E_TWO_K = 2 * sum(k * k for k in range(1, 18)) / sum(range(1, 18))   # E[2k] for P(k) ∝ k on 1..17 (CTM's code)
 
 # (student F+B, student-side forwards without weight gradients incl. input-only backwards) per iteration;
 # the teacher's forwards are counted while timing. Module docstring for the derivation.
@@ -166,13 +159,7 @@ def stats_cost(D, x0, s_intervals):
     return (time.perf_counter() - t0) / ((s_intervals + 1) * len(x0))
 
 
-def mean_std(v):
-    m = sum(v) / len(v)
-    return m, (sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5
-
-
 def main(quick=False, out="docs/results/cost"):
-    torch.set_num_threads(1)                                 # BENCH.md: shared cores
     s = QUICK if quick else FULL
     t_start = time.time()
     result = {"settings": s, "expected_2k_teacher_calls_ctm": E_TWO_K, "networks": {}}
@@ -185,7 +172,7 @@ def main(quick=False, out="docs/results/cost"):
             ratios = [t / u for t, u in zip(ts, unit[name])]
             fb, fwd = CALLS.get(name, (None, None))
             expected = None if fb is None else fb + (fwd + teacher_calls[name]) / 3
-            table[name] = dict(s_per_iter=mean_std(ts), ratio=mean_std(ratios), expected_ratio=expected,
+            table[name] = dict(s_per_iter=common.mean_sd(ts), ratio=common.mean_sd(ratios), expected_ratio=expected,
                                teacher_calls_per_iter=teacher_calls[name])
         result["networks"][kind] = dict(batch=s["batch"][kind], table=table,
                                         params=sum(p.numel() for p in teacher_net.parameters()))
@@ -230,33 +217,30 @@ def main(quick=False, out="docs/results/cost"):
     for k, (a, b) in cases.items():
         print(f"  {k}: {a:9.1f}s / {b:10.1f}s = {100 * a / b:6.2f}%")
 
-    # ---- picture: measured against expected ratio, both networks
+    result["wall_time_s"] = time.time() - t_start
+    return common.write(out, "cost", quick, result, lambda path: plot(path, result, s))
+
+
+def plot(path, result, s):
+    """Measured against expected ratio, both networks."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
     for a, kind in zip(ax, ("mlp", "unet")):
         table = result["networks"][kind]["table"]
         names = [n for n in table if n in CALLS]
         xs = range(len(names))
         a.bar([x - 0.2 for x in xs], [table[n]["ratio"][0] for n in names], 0.4,
-              yerr=[table[n]["ratio"][1] for n in names], label="measured", color="tab:blue")
+              yerr=[table[n]["ratio"][1] for n in names], label="measured (± std over blocks)", color="tab:blue")
         a.bar([x + 0.2 for x in xs], [table[n]["expected_ratio"] for n in names], 0.4, label="NFE count",
               color="tab:grey")
         a.set_xticks(list(xs), names, rotation=20)
         a.set(ylabel="× plain denoiser forward + backward", title=f"{kind}, batch {s['batch'][kind]}")
         a.legend()
     fig.tight_layout()
-    os.makedirs(out, exist_ok=True)
-    png = os.path.join(out, "cost.png")
-    fig.savefig(png, dpi=100)
-    result["wall_time_s"] = time.time() - t_start
-    with open(os.path.join(out, "cost.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"\nwrote {png} and the JSON; total {time.time() - t_start:.0f}s")
-    return result
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a smoke test in seconds (numbers are not meaningful)")
-    p.add_argument("--out", default="docs/results/cost")
-    a = p.parse_args()
-    main(a.quick, a.out)
+    common.cli(main, __doc__)

@@ -30,20 +30,26 @@ import torch
 
 from algorithms import analytic_precond, cd, ctm, edm
 from benchmarks import common
-from data import toy
+from data import metrics, toy
 from networks.checkpoint import load_teacher_into_student
 from networks.mlp import MLP
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
-FULL = dict(datasets=("ring8", "spiral"), seeds=(0, 1, 2), teacher_iters=3000, ctm_iters=1200, cd_iters=1000,
-            batch=128, eval_every=100, done_at=400, n_eval=4096, stat_intervals=120, stat_samples=4096)
+# The budget is what 2 shared CPU cores allow; the picture shows whether the curves have flattened. Iteration 400
+# is where the arms are also compared at equal iterations.
+FULL = dict(datasets=("ring8", "spiral"), seeds=(0, 1, 2), teacher_iters=2000, ctm_iters=600, cd_iters=500,
+            batch=128, eval_every=50, done_at=400, n_eval=2048, stat_intervals=120, stat_samples=4096)
 QUICK = dict(datasets=("ring8",), seeds=(0,), teacher_iters=20, ctm_iters=20, cd_iters=20, batch=32, eval_every=10,
              done_at=10, n_eval=128, stat_intervals=8, stat_samples=64)
 NFES = (1, 2, 4)
-ARMS = ("vanilla", "analytic")
-ALGOS = {"ctm": dict(lr=2e-3, mu=0.99), "cd": dict(lr=1e-3, mu=0.95)}  # train.py's toy defaults
+# CTM: vanilla against the default reading and against κ ≡ 0, the other reading that is bounded everywhere
+# (docs/analytic_precond.md §2); CD: vanilla against the default. None = the paper's own coefficients.
+READINGS = {"vanilla": None, "implicit_backward": analytic_precond.implicit_backward,
+            "kappa_zero": analytic_precond.kappa_zero}
+ALGOS = {"ctm": dict(lr=2e-3, mu=0.99, arms=("vanilla", "implicit_backward", "kappa_zero")),
+         "cd": dict(lr=1e-3, mu=0.95, arms=("vanilla", "implicit_backward"))}   # lr, μ: train.py's toy defaults
 
 
 def mean_se(v):
@@ -54,10 +60,12 @@ def mean_se(v):
     return m, (sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1) / len(v)) ** 0.5
 
 
-def paired_gap(x, x_ref):
-    """Per-sample ‖x − x_ref‖²/d from the same noise: mean, its standard error, and median."""
-    d = (x.double() - x_ref.double()).square().mean(1)
-    return dict(mean=d.mean().item(), se=(d.std() / len(d) ** 0.5).item(), median=d.median().item())
+def cluster_of(ds):
+    """The mode a sample lands in, for the mode-switch fraction: the nearest of ring8's 8 means; for the spiral,
+    which tenth of its points (an arc) the nearest point is in."""
+    means = ds.means
+    per = max(1, len(means) // 10) if len(means) > 8 else 1
+    return lambda x: (x.double() @ means.T - 0.5 * means.square().sum(1)).argmax(1) // per
 
 
 def train_teacher(ds, s):
@@ -70,22 +78,25 @@ def train_teacher(ds, s):
 def run(algo, arm, ds, teacher_net, stats, seed, s, noise, refs):
     """One distillation run from the teacher's weights; paired gaps at every NFE against both references."""
     teacher = edm.Denoiser(teacher_net).requires_grad_(False)
-    precond = stats if arm == "analytic" else None
+    reading = READINGS[arm]
+    outer = None if reading is None else (lambda t, s_: reading(stats, t, s_))
     if algo == "ctm":
         cfg = ctm.Config(mu=ALGOS[algo]["mu"])
 
         def loss_fn(net, net_ema, x, step, g):
-            return ctm.loss(cfg, net, net_ema, teacher, x, generator=g, precond=precond, last_layer=net.out[-1].weight)
+            return ctm.loss(cfg, net, net_ema, teacher, x, generator=g, outer=outer, last_layer=net.out[-1].weight)
 
-        sample = lambda net, nfe: ctm.sample(cfg, net, noise, nfe=nfe, precond=precond)
+        sample = lambda net, nfe: ctm.sample(cfg, net, noise, nfe=nfe, outer=outer)
     else:
         cfg = cd.Config(mu=ALGOS[algo]["mu"])
-        loss_fn = lambda net, net_ema, x, step, g: cd.loss(cfg, net, net_ema, teacher, x, generator=g, precond=precond)
+        loss_fn = lambda net, net_ema, x, step, g: cd.loss(cfg, net, net_ema, teacher, x, generator=g, outer=outer)
         sample = lambda net, nfe: cd.sample(cfg, net, noise, nfe=nfe, generator=torch.Generator().manual_seed(7),
-                                            precond=precond)
+                                            outer=outer)
+    assign = cluster_of(ds)
 
     def evaluate(net):
-        return {nfe: {ref: paired_gap(sample(net, nfe), x_ref) for ref, x_ref in refs.items()} for nfe in NFES}
+        return {nfe: {ref: metrics.paired_gap(sample(net, nfe), x_ref, assign) for ref, x_ref in refs.items()}
+                for nfe in NFES}
 
     net0 = MLP(dim=ds.dim, s_embedding=algo == "ctm")
     if algo == "ctm":
@@ -112,114 +123,140 @@ def iters_to_reach(its, gaps, target):
     return None
 
 
-def summarise(runs, s, algo):
-    """Final gaps over seeds; the 2-step iterations-to-target ratio; the gap ratio at `done_at` iterations."""
+KEYS = ("gap_mean", "gap_median", "mode_switch_fraction")
+
+
+def curve(r, nfe, ref="teacher", k="gap_mean"):
+    return [e[nfe][ref][k] for _, e in r["evals"]]
+
+
+def summarise(runs, s):
+    """Per arm: final metrics over seeds (mean ± s.e. of the runs' values) and, against vanilla from the same seed,
+    the 2-step iterations-to-target ratio (target: vanilla's final 2-step gap) and the gap ratio at `done_at`."""
     out = {}
     its = [it for it, _ in runs["vanilla"][0]["evals"]]
-    curve = lambda r, nfe, ref="teacher", k="mean": [e[nfe][ref][k] for _, e in r["evals"]]
-    for arm in ARMS:
-        out[arm] = {f"{ref}_{k}_nfe{nfe}": mean_se([curve(r, nfe, ref, k)[-1] for r in runs[arm]])
-                    for nfe in NFES for ref in ("teacher", "exact") for k in ("mean", "median")}
-        out[arm]["s_per_iter"] = mean_se([r["s_per_iter"] for r in runs[arm]])
-    ratios, at_done = [], []
     i_done = its.index(s["done_at"]) if s["done_at"] in its else None
-    for rv, ra in zip(runs["vanilla"], runs["analytic"]):
-        cv, ca = curve(rv, 2), curve(ra, 2)
-        target = cv[-1]                                               # vanilla's final 2-step gap, same seed
-        nv, na = iters_to_reach(its, cv, target), iters_to_reach(its, ca, target)
-        ratios.append(dict(target=target, iters_vanilla=nv, iters_analytic=na,
-                           ratio=None if na is None else nv / max(na, 1.0)))
-        if i_done is not None:
-            at_done.append(ca[i_done] / cv[i_done])
-    out["iters_to_vanilla_final_2step"] = ratios
-    out["ratio_mean_se"] = mean_se([r["ratio"] for r in ratios])
-    out["reached"] = sum(r["ratio"] is not None for r in ratios)
-    out["gap_ratio_2step_at_done"] = dict(per_seed=at_done, mean_se=mean_se(at_done), iteration=s["done_at"])
+    for arm, rs in runs.items():
+        out[arm] = {f"{ref}_{k}_nfe{nfe}": mean_se([curve(r, nfe, ref, k)[-1] for r in rs])
+                    for nfe in NFES for ref in ("teacher", "exact") for k in KEYS}
+        out[arm]["s_per_iter"] = mean_se([r["s_per_iter"] for r in rs])
+        if arm == "vanilla":
+            continue
+        ratios, at_done = [], []
+        for rv, ra in zip(runs["vanilla"], rs):
+            cv, ca = curve(rv, 2), curve(ra, 2)
+            target = cv[-1]                                           # vanilla's final 2-step gap, same seed
+            nv, na = iters_to_reach(its, cv, target), iters_to_reach(its, ca, target)
+            ratios.append(dict(target=target, iters_vanilla=nv, iters_reading=na,
+                               ratio=None if na is None else nv / max(na, 1.0)))
+            if i_done is not None:
+                at_done.append(ca[i_done] / cv[i_done])
+        out[arm].update(iters_to_vanilla_final_2step=ratios, ratio_mean_se=mean_se([r["ratio"] for r in ratios]),
+                        reached=sum(r["ratio"] is not None for r in ratios),
+                        gap_ratio_2step_at_done=dict(per_seed=at_done, mean_se=mean_se(at_done),
+                                                     iteration=s["done_at"]))
     out["iters"] = its
     return out
 
 
-def main(quick=False, out="docs/results/ctm_analytic_precond"):
+def main(quick=False, out="docs/results/ctm_analytic_precond", datasets=None):
     torch.set_num_threads(1)                                         # shared cores
     s = QUICK if quick else FULL
-    t_start = time.time()
-    result, samples = dict(settings=s, datasets={}), {}
-    for name in s["datasets"]:
-        ds = toy.DATASETS[name]()
-        teacher_net, teacher_time = train_teacher(ds, s)
-        teacher64 = edm.Denoiser(copy.deepcopy(teacher_net).double()).requires_grad_(False)
-        x0, _ = ds.sample(s["stat_samples"], torch.Generator().manual_seed(1), torch.float64)
-        t0 = time.time()
-        stats = analytic_precond.compute_stats(
-            analytic_precond.Config(num_intervals=s["stat_intervals"], num_samples=s["stat_samples"]), teacher64, x0,
-            generator=torch.Generator().manual_seed(1))
-        stat_time = time.time() - t0
-        bounded = analytic_precond.check_bounded(stats)
-        T, eps = torch.tensor([edm.SIGMA_MAX], dtype=torch.float64), torch.tensor([edm.SIGMA_MIN], dtype=torch.float64)
-        alpha_T = analytic_precond.coefficients(stats, T, eps)[1].item()
-        noise = torch.randn(s["n_eval"], ds.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(12345))
-        refs = {"teacher": toy.ode_solve(teacher64, noise * edm.SIGMA_MAX, edm.SIGMA_MAX, edm.SIGMA_MIN),
-                "exact": ds.ode(noise * edm.SIGMA_MAX, edm.SIGMA_MAX, edm.SIGMA_MIN)}
-        res = dict(teacher_train_s=teacher_time, stat_time_s=stat_time, check_bounded=bounded,
-                   alpha_T_eps=alpha_T, alpha_T_eps_ctm=edm.SIGMA_DATA * (80 - 0.002) / (0.25 + 6400) ** 0.5,
-                   teacher_vs_exact=paired_gap(refs["teacher"], refs["exact"]), algos={})
-        print(f"{name}: teacher {teacher_time:.0f}s, statistics {stat_time:.1f}s, α(T, ε) {alpha_T:.4f}, bounded: "
-              f"{bounded or 'yes'}; teacher ODE vs exact ODE {res['teacher_vs_exact']['mean']:.2e}", flush=True)
-        for algo in ALGOS:
-            runs = {arm: [] for arm in ARMS}
-            for seed in s["seeds"]:
-                for arm in ARMS:
-                    r, samples[name, algo, arm, seed] = run(algo, arm, ds, teacher_net, stats, seed, s, noise, refs)
-                    runs[arm].append(r)
-                    print(f"  {algo} seed {seed} {arm:8s}: " + "  ".join(
-                        f"NFE {nfe} {r['evals'][-1][1][nfe]['teacher']['mean']:.2e}" for nfe in NFES)
-                        + f"  ({r['s_per_iter']:.3f} s/iter)", flush=True)
-            summary = summarise(runs, s, algo)
-            run_time = summary["vanilla"]["s_per_iter"][0] * s[f"{algo}_iters"]
-            summary["stat_fraction_of_run"] = stat_time / run_time
-            res["algos"][algo] = dict(summary=summary, runs=runs)
-        result["datasets"][name] = res
-        samples[name, "refs"] = {k: v.float() for k, v in refs.items()}
-        samples[name, "noise"] = noise.float()
-        keep = os.path.join("runs", "ctm_analytic_precond" + ("-quick" if quick else ""))
-        os.makedirs(keep, exist_ok=True)
-        torch.save(samples, os.path.join(keep, "samples.pt"))        # every run's final samples, for re-measuring
-    result["wall_time_s"] = time.time() - t_start
+    keep = os.path.join("runs", "ctm_analytic_precond" + ("-quick" if quick else ""))
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "ctm_analytic_precond.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    report(result, out)
-    return result
+    os.makedirs(keep, exist_ok=True)
+    for name in datasets or s["datasets"]:
+        run_dataset(name, s, out, keep)
+    return report(out, s)
 
 
-def report(result, out):
-    """Print the tables and draw the 2-step and 1-step curves (mean ± standard error over seeds)."""
-    s = result["settings"]
-    for name, res in result["datasets"].items():
+def run_dataset(name, s, out, keep):
+    """Teacher, statistics, references and every run on one dataset; its JSON (and its runs' final samples)."""
+    t_start = time.time()
+    ds = toy.DATASETS[name]()
+    teacher_net, teacher_time = train_teacher(ds, s)
+    teacher64 = edm.Denoiser(copy.deepcopy(teacher_net).double()).requires_grad_(False)
+    x0, _ = ds.sample(s["stat_samples"], torch.Generator().manual_seed(1), torch.float64)
+    t0 = time.time()
+    stats = analytic_precond.compute_stats(
+        analytic_precond.Config(num_intervals=s["stat_intervals"], num_samples=s["stat_samples"]), teacher64, x0,
+        generator=torch.Generator().manual_seed(1))
+    stat_time = time.time() - t0
+    T, eps = torch.tensor([edm.SIGMA_MAX], dtype=torch.float64), torch.tensor([edm.SIGMA_MIN], dtype=torch.float64)
+    coeffs = {arm: [float(c) for c in r(stats, T, eps)] for arm, r in READINGS.items() if r is not None}
+    coeffs["vanilla"] = [float(c) for c in ctm.ctm_outer(T, eps)]
+    noise = torch.randn(s["n_eval"], ds.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(12345))
+    refs = {"teacher": toy.ode_solve(teacher64, noise * edm.SIGMA_MAX, edm.SIGMA_MAX, edm.SIGMA_MIN),
+            "exact": ds.ode(noise * edm.SIGMA_MAX, edm.SIGMA_MAX, edm.SIGMA_MIN)}
+    res = dict(settings=s, teacher_train_s=teacher_time, stat_time_s=stat_time,
+               check_bounded={arm: analytic_precond.check_bounded(stats, reading=r)
+                              for arm, r in READINGS.items() if r is not None},
+               beta_alpha_T_eps=coeffs, teacher_vs_exact=metrics.paired_gap(refs["teacher"], refs["exact"],
+                                                                            cluster_of(ds)), algos={})
+    print(f"{name}: teacher {teacher_time:.0f}s, statistics {stat_time:.1f}s; (β, α)(T, ε) {coeffs}; bounded "
+          f"{ {k: v is None for k, v in res['check_bounded'].items()} }; teacher ODE vs exact ODE "
+          f"{res['teacher_vs_exact']['gap_mean']:.2e}", flush=True)
+    samples = {"noise": noise.float(), "refs": {k: v.float() for k, v in refs.items()}}
+    for algo, a in ALGOS.items():
+        runs = {arm: [] for arm in a["arms"]}
+        for seed in s["seeds"]:
+            for arm in a["arms"]:
+                r, samples[algo, arm, seed] = run(algo, arm, ds, teacher_net, stats, seed, s, noise, refs)
+                runs[arm].append(r)
+                print(f"  {algo} seed {seed} {arm:17s}: " + "  ".join(
+                    f"NFE {nfe} {r['evals'][-1][1][nfe]['teacher']['gap_mean']:.2e}" for nfe in NFES)
+                    + f"  ({r['s_per_iter']:.3f} s/iter)", flush=True)
+        summary = summarise(runs, s)
+        summary["stat_fraction_of_run"] = stat_time / (summary["vanilla"]["s_per_iter"][0] * s[f"{algo}_iters"])
+        res["algos"][algo] = dict(summary=summary, runs=runs)
+    res["wall_time_s"] = time.time() - t_start
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    torch.save(samples, os.path.join(keep, f"{name}_samples.pt"))  # every run's final samples, for re-measuring
+
+
+def fmt(ms, digits=2):
+    m, se = ms
+    return f"{m:.{digits}e} ± {se:.1e}"
+
+
+def report(out, s):
+    """Print the tables of every dataset's JSON in `out` and draw the curves (mean ± s.e. over seeds)."""
+    results = {}
+    for name in s["datasets"]:
+        path = os.path.join(out, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[name] = json.load(f)
+    for name, res in results.items():
+        print(f"\n{name}: statistics {res['stat_time_s']:.1f}s; teacher network's ODE vs exact ODE "
+              f"{res['teacher_vs_exact']['gap_mean']:.2e}; (β, α)(T, ε): {res['beta_alpha_T_eps']}")
         for algo, a in res["algos"].items():
             sm = a["summary"]
-            print(f"\n{name}, {algo.upper()}, {len(s['seeds'])} seeds x {s[f'{algo}_iters']} iterations; final gap to "
-                  f"the teacher network's ODE (to the exact ODE), mean of runs' means ± s.e.:")
-            for arm in ARMS:
-                cells = [f"NFE {nfe}: {sm[arm][f'teacher_mean_nfe{nfe}'][0]:.2e} ± {sm[arm][f'teacher_mean_nfe{nfe}'][1]:.1e}"
-                         f" ({sm[arm][f'exact_mean_nfe{nfe}'][0]:.2e})" for nfe in NFES]
-                print(f"  {arm:8s} " + "   ".join(cells))
-            m, se = sm["ratio_mean_se"]
-            print(f"  2-step: iterations to vanilla's final gap, vanilla/analytic = {m:.2f} ± {se:.2f} "
-                  f"({sm['reached']}/{len(s['seeds'])} reached); gap ratio analytic/vanilla at iteration "
-                  f"{s['done_at']}: {sm['gap_ratio_2step_at_done']['mean_se'][0]:.2f} ± "
-                  f"{sm['gap_ratio_2step_at_done']['mean_se'][1]:.2f}; statistics = "
-                  f"{100 * sm['stat_fraction_of_run']:.1f} % of one run")
-    fig, ax = plt.subplots(len(result["datasets"]), 4, figsize=(18, 4 * len(result["datasets"])), squeeze=False)
-    for row, (name, res) in zip(ax, result["datasets"].items()):
+            print(f"{name}, {algo.upper()}, {len(s['seeds'])} seeds x {s[f'{algo}_iters']} iterations. Final gap to the "
+                  f"teacher network's ODE | to the exact ODE (mean of the runs' means ± s.e.):")
+            for arm in ALGOS[algo]["arms"]:
+                print(f"  {arm:17s} " + "  ".join(f"NFE {nfe}: {fmt(sm[arm][f'teacher_gap_mean_nfe{nfe}'])} | "
+                                                  f"{fmt(sm[arm][f'exact_gap_mean_nfe{nfe}'])}" for nfe in NFES))
+                if arm != "vanilla":
+                    m, se = sm[arm]["ratio_mean_se"]
+                    d = sm[arm]["gap_ratio_2step_at_done"]
+                    print(f"  {'':17s} 2 steps: iterations to vanilla's final gap, vanilla/reading {m:.2f} ± {se:.2f} "
+                          f"({sm[arm]['reached']}/{len(s['seeds'])} reached); gap reading/vanilla at iteration "
+                          f"{d['iteration']}: {d['mean_se'][0]:.2f} ± {d['mean_se'][1]:.2f} "
+                          f"(per seed {', '.join(f'{v:.2f}' for v in d['per_seed'])})")
+            print(f"  statistics = {100 * sm['stat_fraction_of_run']:.1f} % of one vanilla run")
+    if not results:
+        return results
+    fig, ax = plt.subplots(len(results), 4, figsize=(18, 4 * len(results)), squeeze=False)
+    for row, (name, res) in zip(ax, results.items()):
         for col, (algo, nfe) in enumerate([("ctm", 2), ("ctm", 1), ("ctm", 4), ("cd", 2)]):
             a = res["algos"][algo]
             its = a["summary"]["iters"]
-            for arm, colour in zip(ARMS, "kr"):
-                c = torch.tensor([[e[nfe]["teacher"]["mean"] for _, e in r["evals"]] for r in a["runs"][arm]])
-                m, se = c.mean(0), c.std(0).nan_to_num() / len(c) ** 0.5
-                row[col].plot(its, m, colour, label=f"{algo.upper()} " + ("+ Analytic-Precond" if arm == "analytic"
-                                                                         else "(vanilla)"))
+            for arm, colour in zip(ALGOS[algo]["arms"], "krb"):
+                c = torch.tensor([curve(r, str(nfe)) for r in a["runs"][arm]])
+                m, se = c.mean(0), (c.std(0) / len(c) ** 0.5).nan_to_num()
+                row[col].plot(its, m, colour, label=arm)
                 row[col].fill_between(its, (m - se).clamp(min=float(m.min()) * 0.3), m + se, color=colour, alpha=0.2)
             row[col].set(yscale="log", xlabel="training iteration", ylabel="gap to the teacher's ODE",
                          title=f"{name}: {algo.upper()}, {nfe}-step")
@@ -227,12 +264,18 @@ def report(result, out):
     fig.tight_layout()
     png = os.path.join(out, "ctm_analytic_precond.png")
     fig.savefig(png, dpi=90)
-    print(f"\nwrote {png} and the JSON; total {result['wall_time_s']:.0f}s")
+    print(f"\nwrote {png}")
+    return results
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke test in seconds (numbers are not meaningful)")
     p.add_argument("--out", default="docs/results/ctm_analytic_precond")
+    p.add_argument("--data", nargs="*", default=None, help="only these datasets (default: all of the mode's)")
+    p.add_argument("--report", action="store_true", help="only print and draw what the JSONs in --out hold")
     a = p.parse_args()
-    main(a.quick, a.out)
+    if a.report:
+        report(a.out, QUICK if a.quick else FULL)
+    else:
+        main(a.quick, a.out, a.data)

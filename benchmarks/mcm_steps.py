@@ -1,233 +1,202 @@
-"""Claim 2 of issue 8: multistep consistency models trade steps for quality (Heek et al., arXiv:2403.06807v3, Table 1).
+"""Claim 2: multistep consistency models trade steps for quality (Heek et al., arXiv:2403.06807v3, Table 1).
 
 The paper distils one MCM student per S ∈ {1, 2, 4, 8, 16} from the same diffusion teacher with the same budget and
-finds FID falling with S towards the teacher's (aDDIM, 512 steps): large IN64 CD 3.2 / 1.9 / 1.6 / 1.4 at S = 1, 2,
-4, 8 against the teacher's 1.4. Here the teacher is a toy's exact denoiser, so two questions have exact answers:
+finds FID falling with S towards the teacher's (large IN64 MCM-CD 3.2 / 1.9 / 1.6 / 1.4 at S = 1, 2, 4, 8, the
+teacher 1.4). Here, on two_modes, one MCM-CD student (Alg. 1, aDDIM teacher step) per S and seed, in both set-ups
+of benchmarks/common.py:
 
-    teacher gap   E‖x_S − x_ODE‖²/d   the S-step student against the exact PF-ODE from the same noise
-    SW2 to data   sliced Wasserstein-2 to held-out data, against the teacher's own (exact ODE, and aDDIM-512)
+    (i)  the exact teacher, students from random weights;
+    (ii) an EDM network teacher trained on the toy, students initialised from it (the papers' set-up).
 
-Every S trains for the same iterations, batch and learning rate (train.py's MCM recipe: Adam 1e-3, batch 256,
-teacher steps annealed 64 → 1280 over half the run, evaluation EMA), over several seeds; the teacher sampled with
-S plain DDIM steps is the untrained baseline at the same NFE. Each run's metrics are cached in
-runs/benchmark_cache/ (git-ignored), where `mcm_teacher_step` (claim 5) finds its aDDIM arm.
+Each final student is measured with `data.metrics.report` against the exact ODE from the same noise, and in (ii)
+also against the teacher network's own ODE. "Teacher, S DDIM steps" is the teacher sampled with Alg. 2's S steps: in
+(ii) that is exactly the student at initialisation (Alg. 2 with x̂ = the teacher's D); in (i) it is not (the student
+starts from random weights). The training curve (the gap every few hundred iterations) shows whether the budget
+has converged. Runs are cached (common.CACHE), so `mcm_teacher_step` (claim 5) reuses the aDDIM arm of (ii).
 
     python -m benchmarks.mcm_steps [--quick] [--out docs/results/mcm_steps]     (--quick writes *_quick.{json,png})
 """
-import argparse
-import hashlib
-import json
-import os
 import time
 
 import torch
 
-from algorithms import addim, edm, mcm
+from algorithms import addim, mcm
 from benchmarks import common
 from data import metrics, toy
 
-# n_eval generated samples per generator against n_data held-out data points. SW2 between two-mode sets is dominated
-# by how many samples land in each mode (W2² ≈ mass moved × distance², and the mass imbalance only falls like
-# n^(-1/2)), so the data side is large and the SW2 of n_eval fresh data points is reported as the floor.
-# Two seeds, 0 and 2: seed 1 was dropped to fit the shared machine's time budget (each run is ~25 s of CPU on an idle
-# core, but took ~3 min of wall time under contention).
-FULL = dict(data=("two_modes", "ring8"), S=(1, 2, 4, 8), seeds=(0, 2), iters=1500, batch=256, lr=1e-3,
-            n_eval=16384, n_data=65536)
-QUICK = dict(data=("two_modes",), S=(1, 2), seeds=(0, 1), iters=60, batch=128, lr=1e-3, n_eval=512, n_data=4096)
-
-CACHE = "runs/benchmark_cache"  # per-run metrics (git-ignored), shared by mcm_steps and mcm_teacher_step
-# The sources a run's numbers depend on: editing any of them changes the cache key, so stale runs are never reused.
-SOURCES = ("algorithms/mcm.py", "algorithms/addim.py", "algorithms/edm.py", "data/toy.py", "data/metrics.py",
-           "networks/mlp.py", "benchmarks/common.py")
+# train.py's MCM recipe (Adam 1e-3, batch 256, teacher steps annealed 64 → 1280 over half the run, evaluation EMA).
+# Set-up (i) repeats the previous protocol's set-up with the new metrics, on one seed (the machine's time went to (ii)).
+FULL = dict(data="two_modes", S=(1, 2, 4, 8), seeds=(0, 1, 2), seeds_i=(0,), iters=1000, batch=256, lr=1e-3,
+            n_eval=4096, curve=(250, 500, 750, 1000), n_curve=1024, n_target=512, n_xvar=256, teacher=common.TEACHER)
+QUICK = dict(data="two_modes", S=(1, 2), seeds=(0, 1), seeds_i=(0,), iters=20, batch=64, lr=1e-3, n_eval=256,
+             curve=(10, 20), n_curve=64, n_target=64, n_xvar=32, teacher=dict(iters=20, batch=64, lr=1e-3))
+SETUPS = {"i": "exact teacher, random init", "ii": "EDM network teacher, student = teacher at init"}
 
 
-def code_fingerprint():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    h = hashlib.sha1()
-    for name in SOURCES:
-        with open(os.path.join(root, name), "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()[:10]
+def references(p):
+    """Everything the students are measured against, from one evaluation noise: the exact ODE, and for set-up (ii)
+    the teacher network, its own ODE, and the two chained-teacher targets of claim 5 (N_end teacher steps of DDIM, and
+    of aDDIM with Alg. 3's η = 0.75 x_var, on n_target samples)."""
+    ds = toy.DATASETS[p["data"]]()
+    noise = common.eval_noise(ds, 0, p["n_eval"])
+    key = dict(data=p["data"], n=p["n_eval"], teacher=p["teacher"])
+    x_exact = common.cached_tensor("ode-exact", key, lambda: common.ode(ds.denoiser, noise))
+    net, D = common.toy_teacher(ds, **p["teacher"])
+    x_teacher = common.cached_tensor("ode-teacher", key, lambda: common.ode(D, noise, steps_per_unit=3))
+    T, nt = mcm.Config().N_end, p["n_target"]
+
+    def chained(use_addim):
+        x_var = torch.zeros(T, dtype=torch.float64)
+        if use_addim:  # Alg. 3: η·E‖x − x̂‖²/d per step, on held-out data
+            x0, _ = ds.sample(p["n_xvar"], torch.Generator().manual_seed(5))
+            x_var = addim.estimate_x_var(D, x0, addim.time_grid(T)[:-1], eta=mcm.Config().eta,
+                                         generator=torch.Generator().manual_seed(6))
+        return addim.sample(addim.Config(num_steps=T), D, noise[:nt], x_var=x_var)
+
+    targets = {arm: common.cached_tensor(f"target-{arm}", {**key, "n_target": nt, "n_xvar": p["n_xvar"]},
+                                         lambda a=arm: chained(a == "aDDIM"))
+               for arm in ("DDIM", "aDDIM")}
+    return dict(ds=ds, noise=noise, exact=x_exact, teacher=x_teacher, net=net, D=D, targets=targets)
 
 
-def eval_set(dataset, seed, n, n_data):
-    """The noise every generator of this seed starts from, and held-out data (both float64, seeded)."""
-    g = torch.Generator().manual_seed(10_000 + seed)
-    noise = torch.randn(n, dataset.dim, dtype=torch.float64, generator=g)
-    x_data, _ = dataset.sample(n_data, g)
-    return noise, x_data
-
-
-@torch.no_grad()
-def teacher_reference(dataset, seed, noise, x_data):
-    """The teacher's own numbers: the exact PF-ODE (σ_max → σ_min, the gap's reference) and aDDIM with 512 steps
-    (Table 1's teacher row; analytic x_var), plus the SW2 floor of two independent data sets of this size."""
-    x_ode = dataset.ode(noise * edm.SIGMA_MAX, edm.SIGMA_MAX, edm.SIGMA_MIN)
-    x_addim = addim.sample(addim.Config(num_steps=512), dataset.denoiser, noise)
-    x_other, _ = dataset.sample(len(noise), torch.Generator().manual_seed(20_000 + seed))
-    return x_ode, {"ode_sw2": metrics.sliced_wasserstein(x_ode, x_data),
-                   "addim512_sw2": metrics.sliced_wasserstein(x_addim, x_data),
-                   "addim512_gap": metrics.teacher_gap(x_addim, x_ode),
-                   "data_floor_sw2": metrics.sliced_wasserstein(x_other, x_data)}
-
-
-@torch.no_grad()
-def ddim_baseline(dataset, S, noise, x_ode, x_data):
-    """The untrained teacher at the student's NFE: S DDIM steps on the student's own time grid (x_var = 0)."""
-    x = addim.sample(addim.Config(num_steps=S), dataset.denoiser, noise, x_var=torch.zeros(S, dtype=torch.float64))
-    return {"gap": metrics.teacher_gap(x, x_ode), "sw2": metrics.sliced_wasserstein(x, x_data)}
-
-
-def train_and_eval(p, dataset, S, seed, addim_teacher, noise, x_ode, x_data):
-    """One MCM-CD student (Alg. 1) at S steps, trained with the shared toy loop; its S-step (Alg. 2) metrics."""
-    cfg = mcm.Config(S=S, anneal_iters=p["iters"] // 2, addim_teacher=addim_teacher)  # App. A.1: anneal half the run
-
-    def loss_fn(net, net_ema, x, step, g):  # MCM has no target network: its stop-gradient target is `net` itself
-        return mcm.loss(cfg, net, dataset.denoiser, x, step=step, generator=g)
-
-    ema, log = common.train(loss_fn, dataset, p["iters"], seed=seed, batch=p["batch"], lr=p["lr"])
-    x = mcm.sample(cfg, ema, noise)
-    return {"gap": metrics.teacher_gap(x, x_ode), "sw2": metrics.sliced_wasserstein(x, x_data),
-            "s_per_iter": log["s_per_iter"], "final_loss": log["loss"][-1][1]}
-
-
-def run_arm(p, data, addim_teacher, cache=CACHE):
-    """Per-seed results {seed: {"teacher": ..., "S": {S: student and baseline metrics}}} for one dataset and one
-    teacher step (aDDIM, as Alg. 1, or DDIM). Each run's metrics are kept in `cache` (a folder; None: off), keyed by
-    everything that determines them (settings and the sources' fingerprint), so claim 5's aDDIM arm and a rerun reuse
-    claim 2's runs instead of retraining."""
-    dataset = toy.DATASETS[data]()
-    out = {}
-    for seed in p["seeds"]:
-        noise, x_data = eval_set(dataset, seed, p["n_eval"], p["n_data"])
-        x_ode, ref = teacher_reference(dataset, seed, noise, x_data)
-        out[seed] = {"teacher": ref, "S": {}}
-        for S in p["S"]:
-            t0 = time.time()
-            key = dict(data=data, S=S, seed=seed, addim_teacher=addim_teacher,
-                       **{k: p[k] for k in ("iters", "batch", "lr", "n_eval", "n_data")}, code=code_fingerprint())
-            path = cache and os.path.join(cache, "mcm_" + "_".join(f"{k}{v}" for k, v in key.items()) + ".json")
-            cached = bool(path) and os.path.exists(path)
-            if cached:
-                with open(path) as f:
-                    r = json.load(f)
-            else:
-                r = train_and_eval(p, dataset, S, seed, addim_teacher, noise, x_ode, x_data)
-                r["ddim_teacher_at_S"] = ddim_baseline(dataset, S, noise, x_ode, x_data)
-                if path:
-                    os.makedirs(cache, exist_ok=True)
-                    with open(path + ".tmp", "w") as f:
-                        json.dump(r, f)
-                    os.replace(path + ".tmp", path)  # atomic: a concurrent reader never sees half a file
-            out[seed]["S"][S] = r
-            took = "(cached)" if cached else f"({time.time() - t0:.0f}s, {1e3 * r['s_per_iter']:.1f} ms/iter)"
-            print(f"  {data}, {'aDDIM' if addim_teacher else 'DDIM'} teacher step, seed {seed}, S = {S}: "
-                  f"gap {r['gap']:.3e}  SW2 {r['sw2']:.4f}  {took}", flush=True)
+def measure(x, refs, setup, arm=None):
+    """`metrics.report` of samples x against the exact ODE, and in (ii) against the teacher's ODE and arm's target."""
+    a = common.assign(refs["ds"])
+    out = {"vs_exact": metrics.report(x, refs["exact"], a)}
+    if setup == "ii":
+        out["vs_teacher"] = metrics.report(x, refs["teacher"], a)
+        if arm is not None:
+            t = refs["targets"][arm]
+            out["vs_own_target"] = metrics.report(x[:len(t)], t, a)
     return out
 
 
-def stat(values):
-    """mean and std over seeds (population std; 0 for one seed)."""
-    v = torch.tensor(values, dtype=torch.float64)
-    return {"mean": v.mean().item(), "std": v.std(unbiased=False).item(), "values": list(values)}
+def run(p, refs, setup, S, seed, arm="aDDIM"):
+    """One MCM-CD student (Alg. 1) with the given teacher step: its training curve and its final measurements."""
+    ds = refs["ds"]
+    D = ds.denoiser if setup == "i" else refs["D"]
+    cfg = mcm.Config(S=S, anneal_iters=p["iters"] // 2, addim_teacher=arm == "aDDIM")  # App. A.1: anneal half the run
+    reference = refs["exact"] if setup == "i" else refs["teacher"]
+    nc = p["n_curve"]
+
+    def compute():
+        def loss_fn(net, net_ema, x, step, g):  # MCM has no target network: its stop-gradient target is `net` itself
+            return mcm.loss(cfg, net, D, x, step=step, generator=g)
+
+        def curve(net):
+            return {"gap_mean": metrics.teacher_gap(mcm.sample(cfg, net, refs["noise"][:nc]), reference[:nc])}
+
+        t0 = time.time()
+        every = p["curve"][0]
+        ema, log = common.train(loss_fn, ds, p["iters"], seed=seed, batch=p["batch"], lr=p["lr"],
+                                evaluate=curve, eval_every=every, init=None if setup == "i" else refs["net"])
+        x = mcm.sample(cfg, ema, refs["noise"])
+        return dict(curve=[(i, e["gap_mean"]) for i, e in log["evals"] if i in p["curve"]],
+                    final_loss=log["loss"][-1][1], s_per_iter=log["s_per_iter"], wall_s=time.time() - t0,
+                    **measure(x, refs, setup, arm))
+
+    key = dict(kind="mcm", data=p["data"], setup=setup, S=S, seed=seed, arm=arm, teacher=p["teacher"],
+               **{k: p[k] for k in ("iters", "batch", "lr", "n_eval", "n_curve", "n_target", "n_xvar")})
+    r = common.cached("mcm", key, compute)
+    print(f"  ({setup}) {arm} teacher step, S = {S}, seed {seed}: gap to exact ODE {r['vs_exact']['gap_mean']:.3e}"
+          + (f", to teacher ODE {r['vs_teacher']['gap_mean']:.3e}" if setup == "ii" else "")
+          + f"  ({r['wall_s']:.0f}s)", flush=True)
+    return r
 
 
-def fmt(s, spec=".4f"):
-    return f"{s['mean']:{spec}} ± {s['std']:{spec.lstrip('+')}}"
+def baseline(p, refs, setup, S):
+    """The teacher (exact in (i), the network in (ii)) sampled with Alg. 2's S DDIM steps, from the same noise."""
+    D = refs["ds"].denoiser if setup == "i" else refs["D"]
+    x = addim.sample(addim.Config(num_steps=S), D, refs["noise"], x_var=torch.zeros(S, dtype=torch.float64))
+    return measure(x, refs, setup)
 
 
-def summarise(per_seed, S_list):
-    """Mean ± std over seeds of every student metric, of the DDIM baseline and of the teacher's numbers."""
-    seeds = list(per_seed)
-    rows = {S: {k: stat([per_seed[s]["S"][S][k] for s in seeds]) for k in ("gap", "sw2")} for S in S_list}
-    for S in S_list:
-        for k in ("gap", "sw2"):
-            rows[S][f"ddim_{k}"] = stat([per_seed[s]["S"][S]["ddim_teacher_at_S"][k] for s in seeds])
-        rows[S]["sw2_minus_teacher"] = stat([per_seed[s]["S"][S]["sw2"] - per_seed[s]["teacher"]["ode_sw2"]
-                                             for s in seeds])
-    teacher = {k: stat([per_seed[s]["teacher"][k] for s in seeds]) for k in per_seed[seeds[0]]["teacher"]}
-    return rows, teacher
+FIELDS = ("gap_mean", "gap_median", "mode_switch_fraction", "gap_mean_same_mode", "energy_to_ode", "energy_to_ode_p")
 
 
-def plot(path, results, S_list, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(results), 2, figsize=(10, 3.8 * len(results)), squeeze=False)
-    for (a1, a2), (data, r) in zip(axes, results.items()):
-        rows, teacher = r["rows"], r["teacher"]
-        m = lambda key: [rows[S][key]["mean"] for S in S_list]
-        e = lambda key: [rows[S][key]["std"] for S in S_list]
-        a1.errorbar(S_list, m("gap"), e("gap"), marker="o", capsize=3, label="MCM-CD student (S steps)")
-        a1.plot(S_list, m("ddim_gap"), "s--", c="0.5", label="teacher, S DDIM steps (no training)")
-        a1.axhline(teacher["addim512_gap"]["mean"], c="tab:green", ls=":", label="teacher, aDDIM 512")
-        a1.set(yscale="log", ylabel="teacher gap E‖x − x_ODE‖²/d", title=f"{data}: distance to the exact teacher ODE")
-        a2.errorbar(S_list, m("sw2"), e("sw2"), marker="o", capsize=3, label="MCM-CD student (S steps)")
-        a2.plot(S_list, m("ddim_sw2"), "s--", c="0.5", label="teacher, S DDIM steps")
-        a2.axhline(teacher["ode_sw2"]["mean"], c="k", label="teacher, exact ODE")
-        a2.axhline(teacher["addim512_sw2"]["mean"], c="tab:green", ls=":", label="teacher, aDDIM 512")
-        a2.axhline(teacher["data_floor_sw2"]["mean"], c="tab:red", ls="-.", label="fresh data (SW2 floor)")
-        a2.set(yscale="log", ylabel="SW2 to data", title=f"{data}: sample distance to data")
-        for a in (a1, a2):
-            a.set(xscale="log", xlabel="student steps S (= NFE)")
-            a.set_xticks(S_list, [str(S) for S in S_list])
-            a.set_xticks([], minor=True)
-            a.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def print_table(data, p, rows, teacher, arm="aDDIM"):
-    print(f"\nMCM-CD on {data} (exact teacher), {arm} teacher step, {p['iters']} iterations per S, batch {p['batch']}, "
-          f"lr {p['lr']}, seeds {list(p['seeds'])}; mean ± std over seeds")
-    print(f"{'S':>3} | {'teacher gap':>21} | {'SW2 to data':>17} | {'SW2 − SW2(ODE)':>17} | "
-          f"{'DDIM-S gap':>21} | {'DDIM-S SW2':>17}")
-    for S in p["S"]:
-        r = rows[S]
-        print(f"{S:>3} | {fmt(r['gap'], '.3e'):>21} | {fmt(r['sw2']):>17} | {fmt(r['sw2_minus_teacher']):>17} | "
-              f"{fmt(r['ddim_gap'], '.3e'):>21} | {fmt(r['ddim_sw2']):>17}")
-    print(f"teacher: exact ODE SW2 {fmt(teacher['ode_sw2'])}; aDDIM-512 SW2 {fmt(teacher['addim512_sw2'])}, "
-          f"gap to ODE {fmt(teacher['addim512_gap'], '.2e')}; fresh-data SW2 floor {fmt(teacher['data_floor_sw2'])}")
-
-
-def to_json(per_seed):
-    return {str(s): {"teacher": v["teacher"], "S": {str(S): r for S, r in v["S"].items()}} for s, v in per_seed.items()}
+def summarise(runs):
+    """Per measurement and field: mean ± s.e. over seeds."""
+    return {ref: {f: common.mean_se([r[ref][f] for r in runs]) for f in FIELDS}
+            for ref in runs[0] if ref.startswith("vs_")}
 
 
 def main(quick=False, out="docs/results/mcm_steps"):
-    torch.set_num_threads(1)  # BENCH.md: 2 shared cores
     p = QUICK if quick else FULL
-    os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    results = {}
-    for data in p["data"]:
-        per_seed = run_arm(p, data, addim_teacher=True)
-        rows, teacher = summarise(per_seed, p["S"])
-        results[data] = {"rows": rows, "teacher": teacher, "per_seed": per_seed}
-    wall = time.time() - t0
-    for data, r in results.items():
-        print_table(data, p, r["rows"], r["teacher"])
-    print(f"wall time {wall:.0f}s")
-    res = {"claim": "Heek et al. Table 1: MCM-CD quality improves with S towards the teacher's", "settings": p,
-           "datasets": {data: {"rows": {str(S): r["rows"][S] for S in p["S"]}, "teacher": r["teacher"],
-                               "per_seed": to_json(r["per_seed"])} for data, r in results.items()},
-           "wall_time_s": wall}
-    name = os.path.join(out, "mcm_steps_quick" if quick else "mcm_steps")  # quick never overwrites the full results
-    with open(name + ".json", "w") as f:
-        json.dump(res, f, indent=2)
-    png = plot(name + ".png", results, list(p["S"]),
-               f"MCM-CD vs S, exact teacher ({p['iters']} iters per S, {len(p['seeds'])} seeds)")
-    print(f"wrote {png} and {name}.json")
-    return res
+    refs = references(p)
+    a = common.assign(refs["ds"])
+    teacher = {"vs_exact": metrics.report(refs["teacher"], refs["exact"], a)}
+    for arm, t in refs["targets"].items():  # the chained targets of claim 5, against the exact ODE
+        teacher[f"{arm}_{mcm.Config().N_end}_vs_exact"] = metrics.report(t, refs["exact"][:len(t)], a)
+    res = {"claim": "Heek et al. Table 1: MCM quality improves with S towards the teacher's", "settings": p,
+           "teacher": teacher, "setups": {}}
+    for setup in SETUPS:
+        rows = {}
+        for S in p["S"]:
+            runs = [run(p, refs, setup, S, seed) for seed in (p["seeds"] if setup == "ii" else p["seeds_i"])]
+            rows[S] = {"student": summarise(runs), "teacher_S_ddim_steps": baseline(p, refs, setup, S),
+                       "curve": {i: common.mean_se([dict(r["curve"])[i] for r in runs]) for i in p["curve"]},
+                       "per_seed": runs}
+        res["setups"][setup] = rows
+    res["wall_time_s"] = time.time() - t0
+    print_table(res, p)
+    return common.write(out, "mcm_steps", quick, res, lambda path: plot(path, res, p))
+
+
+def print_table(res, p):
+    t = res["teacher"]["vs_exact"]
+    print(f"\nMCM-CD on {p['data']}, aDDIM teacher step, {p['iters']} iterations per S, seeds {list(p['seeds'])} "
+          f"((i): {list(p['seeds_i'])}), "
+          f"{p['n_eval']} samples; mean ± s.e. over seeds. Teacher network vs exact ODE: gap "
+          f"{t['gap_mean']:.2e} ± {t['gap_se']:.1e}, mode switches {t['mode_switch_fraction']:.4f}")
+    for setup, rows in res["setups"].items():
+        print(f"set-up ({setup}): {SETUPS[setup]}")
+        for S, r in rows.items():
+            line = f"  S = {S}: vs exact {common.fmt(r['student']['vs_exact']['gap_mean'])}"
+            if setup == "ii":
+                line += (f"  vs teacher {common.fmt(r['student']['vs_teacher']['gap_mean'])}  energy p "
+                         f"{common.fmt(r['student']['vs_teacher']['energy_to_ode_p'], '.2f')}")
+            b = r["teacher_S_ddim_steps"]["vs_exact" if setup == "i" else "vs_teacher"]
+            print(line + f"  | teacher, S DDIM steps: {b['gap_mean']:.3e}")
+
+
+def plot(path, res, p):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    S_list = list(p["S"])
+    for setup, ls in (("i", "-"), ("ii", "--")):
+        rows = res["setups"][setup]
+        for ref, c in (("vs_exact", "tab:blue"), ("vs_teacher", "tab:orange")):
+            if ref not in rows[S_list[0]]["student"]:
+                continue
+            m = [rows[S]["student"][ref]["gap_mean"]["mean"] for S in S_list]
+            e = [2 * (rows[S]["student"][ref]["gap_mean"]["se"] or 0) for S in S_list]
+            axes[0].errorbar(S_list, m, e, ls=ls, c=c, marker="o", capsize=3, label=f"({setup}) student {ref}")
+            b = [rows[S]["teacher_S_ddim_steps"][ref]["gap_mean"] for S in S_list]
+            axes[0].plot(S_list, b, ls=":", c=c, marker="s", alpha=0.6, label=f"({setup}) teacher, S DDIM steps {ref}")
+            sw = [rows[S]["student"][ref]["mode_switch_fraction"]["mean"] for S in S_list]
+            axes[1].plot(S_list, sw, ls=ls, c=c, marker="o", label=f"({setup}) student {ref}")
+        for S in S_list:
+            cur = rows[S]["curve"]
+            axes[2].errorbar(list(cur), [v["mean"] for v in cur.values()], [2 * (v["se"] or 0) for v in cur.values()],
+                             ls=ls, marker=".", capsize=2, label=f"({setup}) S = {S}")
+    axes[0].axhline(res["teacher"]["vs_exact"]["gap_mean"], c="k", lw=0.8, label="teacher network vs exact ODE")
+    axes[0].set(xscale="log", yscale="log", xlabel="student steps S", ylabel="gap E‖x − x_ref‖²/d (± 2 s.e.)",
+                title="teacher gap")
+    axes[1].set(xscale="log", xlabel="student steps S", ylabel="fraction", title="samples in another mode than the ref")
+    axes[2].set(yscale="log", xlabel="iteration", ylabel="gap to the set-up's reference (1024 samples)",
+                title="training curves")
+    for a in axes[:2]:
+        a.set_xticks(S_list, [str(S) for S in S_list])
+        a.set_xticks([], minor=True)
+    for a in axes:
+        a.legend(fontsize=6)
+    fig.suptitle(f"MCM-CD on {p['data']}, aDDIM teacher step, {p['iters']} iterations, {len(p['seeds'])} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a smoke run in seconds (CI)")
-    ap.add_argument("--out", default="docs/results/mcm_steps")
-    a = ap.parse_args()
-    main(a.quick, a.out)
+    common.cli(main, __doc__)

@@ -90,3 +90,14 @@ def test_distances_are_the_mean_square_the_norm_and_icts_pseudo_huber():
     large = a + 1e3
     torch.testing.assert_close(edm.pseudo_huber(a, large), torch.full((6,), 1e3 * math.sqrt(12) - c, dtype=f64),
                                rtol=1e-10, atol=0)
+
+
+def test_f_and_g_broadcast_per_example_times_over_image_shaped_data():
+    x = torch.randn(3, 2, 4, 4, dtype=f64, generator=torch.Generator().manual_seed(0))
+    t, s = torch.tensor([0.01, 1.0, 15.0], dtype=f64), torch.tensor([0.01, 0.5, 2.0], dtype=f64)
+    net = lambda x_in, c_noise, labels=None, noise_labels_s=None: torch.tanh(x_in) * (
+        c_noise if noise_labels_s is None else c_noise - noise_labels_s)[:, None, None, None]
+    cfg = cd.Config(sigma_min=0.01, sigma_data=0.6)
+    torch.testing.assert_close(cd.f(cfg, net, x, t), paper.cm_f(net, x, t, eps=0.01, sd=0.6), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(ctm.G(net, x, t, s, sigma_data=0.6), paper.ctm_G(net, x, t, s, sd=0.6), rtol=1e-13,
+                               atol=1e-15)

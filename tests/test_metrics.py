@@ -71,7 +71,8 @@ def test_energy_permutation_p_value_is_uniform_under_the_null_and_small_under_a_
     g = torch.Generator().manual_seed(3)
     p_null, p_shift = [], []
     for rep in range(300):
-        x, y = torch.randn(40, 2, generator=g, dtype=torch.float64), torch.randn(40, 2, generator=g, dtype=torch.float64)
+        x = torch.randn(40, 2, generator=g, dtype=torch.float64)
+        y = torch.randn(40, 2, generator=g, dtype=torch.float64)
         p_null.append(metrics.energy_test(x, y, 99, num_projections=4, seed=rep)["energy_p"])
         if rep < 50:
             p_shift.append(metrics.energy_test(x, y + 1.0, 99, num_projections=4, seed=rep)["energy_p"])
@@ -93,7 +94,8 @@ def test_nearest_component_of_each_ring_mode_is_that_mode():
 
 def test_report_is_json_safe_and_says_what_it_did_not_compute():
     g = torch.Generator().manual_seed(4)
-    x, x_ode = torch.randn(64, 2, generator=g, dtype=torch.float64), torch.randn(64, 2, generator=g, dtype=torch.float64)
+    x = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    x_ode = torch.randn(64, 2, generator=g, dtype=torch.float64)
     r = metrics.report(x, x_ode, assign=lambda z: (z[:, 0] > 0).long(), num_permutations=19)
     assert json.loads(json.dumps(r)) == r
     assert r["n"] == 64 and 0 < r["energy_to_ode_p"] <= 1 and r["energy_to_ode_null_sd"] > 0

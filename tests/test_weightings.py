@@ -143,3 +143,14 @@ def test_ctm_loss_adds_dsm_scaled_by_the_ratio_of_ctm_to_dsm_last_layer_gradient
     grad = torch.autograd.grad(got.mean(), W, retain_graph=True)[0]
     ref = torch.autograd.grad((L_ctm + lam.detach() * L_dsm).mean(), W)[0]
     torch.testing.assert_close(grad, ref, rtol=1e-8, atol=1e-14)
+
+
+def test_edm_denoiser_broadcasts_per_example_sigma_over_image_shaped_data():
+    """Eq. 7 on [B, C, H, W] data: every pixel of example b uses σ_b's coefficients."""
+    x = torch.randn(3, 2, 4, 4, dtype=f64, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.01, 1.0, 30.0], dtype=f64)
+    net = lambda x_in, c_noise, labels=None: torch.tanh(x_in) * c_noise[:, None, None, None]
+    c_skip, c_out, c_in, c_noise = paper.edm_c(sigma, 0.6)
+    b = lambda v: v[:, None, None, None]
+    expected = b(c_skip) * x + b(c_out) * torch.tanh(b(c_in) * x) * b(c_noise)
+    torch.testing.assert_close(edm.denoise(net, x, sigma, sigma_data=0.6), expected, rtol=1e-13, atol=1e-15)

@@ -116,13 +116,17 @@ MUTANTS = [
     (T, "return (grad_ctm.norm() / (grad_dsm.norm() + 1e-4 * grad_scale)).clamp(0, 1e4).detach()",
         "return (grad_dsm.norm() / (grad_ctm.norm() + 1e-4 * grad_scale)).clamp(0, 1e4).detach()"),
     (T, "return (grad_ctm.norm() / (grad_dsm.norm() + 1e-4 * grad_scale)).clamp(0, 1e4).detach()",
-        "return (grad_ctm.norm() / (grad_dsm.norm() + 1e-4 * grad_scale)).clamp(0, 1e4)"),
+        "return (grad_ctm.norm() / (grad_dsm.norm() + 1e-4 * grad_scale)).clamp(0, 1e4)",
+        "equivalent: autograd.grad without create_graph returns gradients outside the graph, so λ is a constant "
+        "with or without detach"),
     (T, "return L_ctm + lambda_dsm * L_dsm", "return lambda_dsm * L_ctm + L_dsm"),
     (T, "t_tilde = math.sqrt(1 - cfg.gamma**2) * (t_steps[n + 1] - cfg.sigma_min) + cfg.sigma_min",
         "t_tilde = (1 - cfg.gamma**2) * (t_steps[n + 1] - cfg.sigma_min) + cfg.sigma_min"),
     (T, "std = math.sqrt((1 - math.sqrt(1 - cfg.gamma**2)) * (t_steps[n + 1] - cfg.sigma_min)",
         "std = math.sqrt((1 - math.sqrt(1 - cfg.gamma**2)) * (t_steps[n + 1] + cfg.sigma_min)"),
-    (T, "if n < nfe - 1:", "if n < nfe:"),
+    (T, "if n < nfe - 1:", "if n < nfe:",
+        "equivalent: after the last jump t_{n+1} = σ_min, so the renoising std has the factor t_{n+1} − σ_min = 0 "
+        "and adds exactly 0·z"),
     # ---- MCM
     (M, "frac = min(max(i / cfg.anneal_iters, 0.0), 1.0)", "frac = max(i / cfg.anneal_iters, 0.0)"),
     (M, "step = torch.randint(0, cfg.S, (B,)", "step = torch.randint(0, cfg.S - 1, (B,)"),
@@ -226,6 +230,18 @@ MUTANTS = [
     (TOY, "n = max(1, math.ceil(float((lam_t - lam_s).abs().max()) * steps_per_unit))",
           "n = max(1, math.ceil(float((lam_t - lam_s).abs().min()) * steps_per_unit))"),
     (CK, "return any(part.endswith(\"_s\") for part in key.split(\".\"))", "return key.endswith(\"_s\")"),
+    # ---- third batch: broadcasting, loop bounds, guards an independent reader might slip on
+    (E, "return v.reshape(-1, *([1] * (x.ndim - 1)))", "return v.reshape(-1, 1)"),
+    (A, "out.append(x_var_empirical(x, x_hat, eta).mean())", "out.append(x_var_empirical(x, x_hat, eta).mean() / eta)"),
+    (A, "eps_hat = (x64 - x_hat64) / sigma_t ", "eps_hat = (x64 - x_hat64) "),
+    (TOY, "k4 = f(x + h * k3, lam + h)", "k4 = f(x + h * k3, lam)"),
+    (TOY, "k2 = f(x + h / 2 * k1, lam + h / 2)", "k2 = f(x + h * k1, lam + h / 2)"),
+    (TOY, "if bool((lam_s > lam_t).any()):", "if False:"),
+    (M, "frac * (math.log(cfg.N_end) - math.log(cfg.N_start))", "frac * (cfg.N_end - cfg.N_start)"),
+    (T, "t_steps = sigma_grid(nfe + 1, cfg.sigma_min", "t_steps = sigma_grid(nfe + 2, cfg.sigma_min"),
+    (CK, "return np.frombuffer(data, dtype=dtype, count=1)[0].item()", "return np.frombuffer(data, dtype=dtype)[0]"),
+    (CK, "missing = [k for k in expected if k not in state and not is_s_key(k)]",
+         "missing = [k for k in expected if k not in state and is_s_key(k)]"),
 ]
 
 
@@ -257,8 +273,10 @@ def main():
     ap.add_argument("-k", default="", help="only mutants whose file or text contains this")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--start", type=int, default=0, help="only mutants from this index on")
     args = ap.parse_args()
-    chosen = [(i, m) for i, m in enumerate(MUTANTS) if args.k in m[0] or args.k in m[1] or args.k in m[2]]
+    chosen = [(i, m) for i, m in enumerate(MUTANTS) if i >= args.start and (args.k in m[0] or args.k in m[1] or
+                                                                          args.k in m[2])]
     if args.list:
         for i, m in chosen:
             print(i, m[0], repr(m[1]), "->", repr(m[2]), *m[3:])
