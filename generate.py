@@ -82,7 +82,7 @@ except checkpoint.CheckpointError as e:
 if os.path.exists(args.outdir) and not os.path.isdir(args.outdir):
     fail(f"--outdir {args.outdir} is a file, not a folder")
 label_dim, shape, algo = model["data"]["label_dim"], model["data"]["shape"], model["algo"]
-if args.class_idx is not None and not 0 <= args.class_idx < max(label_dim, 1) or args.class_idx and not label_dim:
+if args.class_idx is not None and not (label_dim and 0 <= args.class_idx < label_dim):
     fail(f"--class {args.class_idx}: " + (f"the network has {label_dim} classes (0..{label_dim - 1})" if label_dim else
                                           "the network is unconditional"))
 nfe = args.nfe or (2 * evaluate.algo_config(model).num_steps - 1 if algo == "edm" else evaluate.eval_nfes(model)[0])
