@@ -145,7 +145,7 @@ def test_the_readme_gpu_command_with_the_full_size_cifar10_teacher(tmp_path):
     run = tmp_path / "run"
     p = launch("train.py", ["--algo", "ctm", "--data", f"cifar10:{cifar}", "--teacher", pkl, "--init-from-teacher",
                             "--batch", "4", "--iters", "2", "--precision", "bf16", "--log-every", "1",
-                            "--eval-samples", "2", "--ckpt-every", "0", "--outdir", run], TORCHRUN)
+                            "--eval-samples", "4", "--ckpt-every", "0", "--outdir", run], TORCHRUN)
     assert "iter      1/2" in p.stdout and "iter      2/2" in p.stdout
     state = torch.load(run / "ckpt-0000002.pt", weights_only=True, map_location="cpu")
     assert state["step"] == 2 and state["model"]["network"]["kwargs"]["augment_dim"] == 9
