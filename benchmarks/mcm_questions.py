@@ -4,12 +4,12 @@ Each question is one sub-command; results go to docs/results/mcm_questions/<ques
 
     eta          aDDIM's η (App. A.1: 0.75) and the analytic x_var = 0.1/(2 + SNR) (Sec. 3), as samplers and as the
                  teacher step of Alg. 1
-    init         MCM-CD and MCM-CT from random weights against from the diffusion teacher (Sec. 4 starts from it)
+    init         MCM-CD and MCM-CT from random weights against from the diffusion teacher (the paper's start)
     mixture      one student for S ∈ {1, 2, 4, 8} (with S as an input or not) against one student per S
     teacher_step aDDIM against DDIM as the teacher step, by S (Table 4), against each arm's own target and the ODE
     segments     segments equal in t (Alg. 1), equal in log-SNR, and on the Karras ρ = 7 grid
     boundaries   the loss, its spread and the student's error as functions of t near the segment boundaries
-    distance     pseudo-Huber, ℓ2 and ℓ2² (Sec. 4) on data whose optimum is known
+    distance     pseudo-Huber (Alg. 1's ρ), ℓ2 and ℓ2² on data whose optimum is known
 
 Set-up (the papers'): a diffusion teacher network (EDM, `algorithms/edm.py`) trained on the toy, and students
 initialised from it (unless the question is about initialisation), trained by `benchmarks/common.py`'s loop with
@@ -20,7 +20,10 @@ against held-out data beside the floor of two data sets. Numbers are means over 
 Trained runs are cached in runs/mcm_questions_cache/ (git-ignored), keyed by their settings and the code they run,
 so questions that share runs (teacher_step, eta, init, mixture, boundaries) train them once.
 
-    python -m benchmarks.mcm_questions QUESTION [--quick] [--out docs/results/mcm_questions]
+    python -m benchmarks.mcm_questions [QUESTION] [--quick] [--out docs/results/mcm_questions] [--seeds 0,1,2]
+
+Without QUESTION every question runs in turn (what `benchmarks.all` calls); --quick writes *_quick.* and its
+numbers mean nothing. --seeds runs a part of the seeds, so that processes can share the work through the cache.
 """
 import argparse
 import functools
@@ -36,11 +39,15 @@ from algorithms import addim, edm, mcm
 from benchmarks import common
 from data import metrics, toy
 
-FULL = dict(data="two_modes", seeds=(0, 1, 2), iters=600, teacher_iters=2000, batch=256, lr=1e-3, n_eval=16384,
-            S=(1, 2, 4, 8), sampler_N=(4, 8, 16, 64), sampler_data=("two_modes", "ring8"))
+# n_eval noises per seed for the students (paired gaps need no more); the samplers of `eta` take n_sampler ≥ 16384,
+# the least `metrics.report` accepts for distances to data.
+FULL = dict(data="two_modes", seeds=(0, 1, 2), iters=400, teacher_iters=2000, batch=256, lr=1e-3, n_eval=2048,
+            n_sampler=16384, distance_iters=500, S=(1, 2, 4, 8), sampler_N=(4, 8, 16, 64),
+            sampler_data=("two_modes", "ring8"))
 QUICK = dict(data="two_modes", seeds=(0, 1), iters=20, teacher_iters=40, batch=64, lr=1e-3, n_eval=256,
-             S=(1, 2), sampler_N=(4,), sampler_data=("two_modes",))
-ETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+             n_sampler=256, distance_iters=20, S=(1, 2), sampler_N=(4,), sampler_data=("two_modes",))
+ETAS = (0.0, 0.25, 0.5, 0.75, 1.0)    # the standalone sampler's sweep
+ETAS_TRAIN = (0.0, 0.25, 0.75, 1.0)   # the teacher step's (each arm is 3 training runs)
 CACHE = "runs/mcm_questions_cache"
 SOURCES = ("algorithms/mcm.py", "algorithms/addim.py", "algorithms/edm.py", "data/toy.py", "networks/mlp.py",
            "benchmarks/common.py")
@@ -205,7 +212,7 @@ def sampler_eta(p, seed, data, N):
     data, Alg. 3) and for the analytic x_var; against the exact ODE and held-out data beside the data floor."""
     dataset = toy.DATASETS[data]()
     g = torch.Generator().manual_seed(30_000 + seed)
-    n = p["n_eval"]
+    n = p["n_sampler"]
     noise = torch.randn(n, dataset.dim, dtype=torch.float64, generator=g)
     x_ode = dataset.ode(noise * edm.SIGMA_MAX, edm.SIGMA_MAX, edm.SIGMA_MIN)
     big = n >= metrics.MIN_DATA_SAMPLES
@@ -229,14 +236,15 @@ def q_eta(p, quick):
     res = {"sampler": {}, "teacher_step": {}}
     for data in p["sampler_data"]:
         for N in p["sampler_N"]:
-            runs = [sampler_eta(p, s, data, N) for s in p["seeds"]]
+            runs = [cached(f"sampler-{data}-N{N}-seed{s}-" + fingerprint(p["n_sampler"], ETAS, data, N, s),
+                           functools.partial(sampler_eta, p, s, data, N)) for s in p["seeds"]]
             res["sampler"][f"{data}/N={N}"] = {arm: {k: stat([r[arm][k] for r in runs]) for k in
                                                      ("gap_mean", "mode_switch_fraction", "energy_to_ode",
                                                       "energy_to_data", "energy_data_floor", "spread")
                                                      if runs[0][arm][k] is not None}
                                                for arm in runs[0]}
     S = 4 if not quick else p["S"][-1]
-    arms = {f"eta={eta}": cd_loss(S, p["iters"], eta=eta, addim_teacher=eta > 0) for eta in ETAS}
+    arms = {f"eta={eta}": cd_loss(S, p["iters"], eta=eta, addim_teacher=eta > 0) for eta in ETAS_TRAIN}
     arms["analytic"] = cd_loss_analytic_xvar(S, p["iters"])
     for name, loss_of in arms.items():
         # η = 0 is the DDIM teacher step and η = 0.75 the default: the same runs as `teacher_step`
@@ -512,7 +520,7 @@ def q_distance(p, quick):
     out = {}
     for data in ("gaussian", "two_modes"):
         dataset = toy.DATASETS[data]()
-        q = dict(p, data=data, iters=p["iters"] if quick else 1000)
+        q = dict(p, data=data, iters=p["distance_iters"])
         res = {}
         for name, eps in DISTANCES.items():
             cfg = mcm.Config(S=S, N_start=S, N_end=S, huber_eps=eps)
@@ -700,8 +708,8 @@ def plot(res, question, path):
     plt.close(fig)
 
 
-QUESTIONS = {"eta": q_eta, "init": q_init, "mixture": q_mixture, "teacher_step": q_teacher_step,
-             "segments": q_segments, "boundaries": q_boundaries, "distance": q_distance}
+QUESTIONS = {"teacher_step": q_teacher_step, "eta": q_eta, "distance": q_distance, "init": q_init,
+             "segments": q_segments, "boundaries": q_boundaries, "mixture": q_mixture}  # in order of priority
 
 
 def jsonable(v):
@@ -712,11 +720,16 @@ def jsonable(v):
     return v
 
 
-def main(question, quick=False, out="docs/results/mcm_questions"):
+def main(question=None, quick=False, out="docs/results/mcm_questions", seeds=None):
+    """One question, or (question=None, as `benchmarks.all` calls it) every question in turn."""
+    if question is None:
+        return {q: main(q, quick, out, seeds) for q in QUESTIONS}
     if question not in QUESTIONS:
-        raise SystemExit(f"unknown question {question!r}; choose from {sorted(QUESTIONS)}")
+        raise ValueError(f"unknown question {question!r}; choose from {sorted(QUESTIONS)}")
     torch.set_num_threads(1)  # 2 shared cores
-    p = QUICK if quick else FULL
+    p = dict(QUICK if quick else FULL)
+    if seeds is not None:  # a part of the seeds (to spread the runs over processes; the cache joins them)
+        p["seeds"] = tuple(seeds)
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     res = QUESTIONS[question](p, quick)
@@ -735,8 +748,9 @@ def main(question, quick=False, out="docs/results/mcm_questions"):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("question", choices=sorted(QUESTIONS))
+    ap.add_argument("question", nargs="?", choices=sorted(QUESTIONS), help="one question (default: all)")
     ap.add_argument("--quick", action="store_true", help="a smoke run in seconds (CI); writes *_quick.*")
     ap.add_argument("--out", default="docs/results/mcm_questions")
+    ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], help="only these seeds (comma list)")
     a = ap.parse_args()
-    main(a.question, a.quick, a.out)
+    main(a.question, a.quick, a.out, a.seeds)
