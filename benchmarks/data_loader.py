@@ -8,8 +8,8 @@ part of the project) is opened by `--ranks` processes at once, as the ranks of o
              which every rank memory-maps
     reopened the same again, as a later run (or a resumed one) opens it: the cache entry exists already
 
-Each rank then reads `--steps` steps (by default one epoch) of its micro-batches through data.loader.batches with `--workers` DataLoader
-workers and x-flips, and reports the time to open, the loader's images per second, and its memory read from
+Each rank then reads `--steps` steps (by default one epoch) of its micro-batches through data.loader.batches with
+`--workers` DataLoader workers and x-flips, and reports the time to open, the loader's images per second, and its memory read from
 /proc/<pid>/smaps_rollup at the end: Rss, Pss (shared pages divided among the processes that map them), and
 Anonymous (private memory, what grows with the dataset when it is held in RAM) of the rank, and Pss of the rank and
 its workers together. The training rate is one forward and backward pass of the tiny DDPM++ (tiny-ddpmpp-32) at
@@ -120,8 +120,8 @@ def main(quick=False, images=None, ranks=2, workers=None, batch_gpu=None, steps=
               f"{steps} steps of {batch_gpu} images per rank", flush=True)
         print(f"{'':8} {'rank':>4} {'open s':>7} {'loader img/s':>12} {'Rss MB':>7} {'Pss MB':>7} {'Anon MB':>7} "
               f"{'Pss+workers MB':>14}")
-        cache = str(Path(tmp) / "cache")
-        for mode, cache in (("in RAM", ""), ("cached", cache), ("reopened", cache)):
+        cache_dir = str(Path(tmp) / "cache")
+        for mode, cache in (("in RAM", ""), ("cached", cache_dir), ("reopened", cache_dir)):
             procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.data_loader", "--rank-of", str(rank),
                                        str(ranks), f"zip:{path}", cache, str(batch_gpu), str(steps), str(workers)],
                                       stdout=subprocess.PIPE, text=True) for rank in range(ranks)]

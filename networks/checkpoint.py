@@ -77,7 +77,8 @@ class _AttrDict(dict):
 # different layout) goes to torch's own weights-only unpickler, exactly as strict as ever, only slower. A plain
 # record always lands on the CPU, whatever device it was saved from.
 
-_LEGACY_MAGIC, _LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001  # torch/serialization.py's MAGIC_NUMBER, PROTOCOL_VERSION
+# torch/serialization.py's MAGIC_NUMBER and PROTOCOL_VERSION of the legacy format
+_LEGACY_MAGIC, _LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001
 _STORAGE_DTYPES = {f"{name}Storage": dtype for name, dtype in [
     ("Float", torch.float32), ("Double", torch.float64), ("Half", torch.float16), ("BFloat16", torch.bfloat16),
     ("Long", torch.int64), ("Int", torch.int32), ("Short", torch.int16), ("Char", torch.int8),

@@ -140,7 +140,7 @@ def test_analytic_precond_makes_a_zero_network_the_exact_gaussian_jump_where_ctm
     x = torch.randn(16, 2, dtype=f64, generator=torch.Generator().manual_seed(0))
     for t, s in [(80.0, 2.5), (10.0, 0.5), (2.5, 0.002), (0.5, 0.1)]:
         exact = float(gaussian_jump(torch.tensor(t), torch.tensor(s))) * x
-        err = lambda outer_: float((ctm.G(zero_net, x, t, s, outer=outer_) - exact).abs().max())
+        err = lambda outer_, t=t, s=s, exact=exact: float((ctm.G(zero_net, x, t, s, outer=outer_) - exact).abs().max())
         analytic = lambda t_, s_: analytic_precond.kappa_zero(stats, t_, s_)
         assert err(analytic) < 1e-2 * float(exact.abs().max()) and 10 * err(analytic) < err(None)
 
