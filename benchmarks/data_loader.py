@@ -11,8 +11,8 @@ part of the project) is opened by `--ranks` processes at once, as the ranks of o
 Each rank then reads `--steps` steps (by default one epoch) of its micro-batches through data.loader.batches with
 `--workers` DataLoader workers and x-flips, and reports the time to open, the loader's images per second, and its
 memory read from /proc/<pid>/smaps_rollup at the end: Rss, Pss (shared pages divided among the processes that map
-them), and Anonymous (private memory, what grows with the dataset when it is held in RAM) of the rank, and Pss of the rank and
-its workers together. The training rate is one forward and backward pass of the tiny DDPM++ (tiny-ddpmpp-32) at
+them), and Anonymous (private memory, what grows with the dataset when it is held in RAM) of the rank, and Pss of the
+rank and its workers together. The training rate is one forward and backward pass of the tiny DDPM++ (tiny-ddpmpp-32) at
 the same per-rank batch, in one thread, for comparison.
 
     python -m benchmarks.data_loader                  # 100,000 images, 2 ranks, 2 workers each: about 5 minutes

@@ -126,7 +126,9 @@ def _read(data, plan, workers, pin_memory):
             yield step, m, x, labels
         return
     # batch_size=None: each planned key is one sample, i.e. one whole micro-batch, assembled in a worker.
+    # A generator of its own: a DataLoader otherwise draws its base seed from the global RNG, which would shift the
+    # training's random stream (dropout) by one draw after a resume. The workers draw nothing, so its seed is unused.
     loader = torch.utils.data.DataLoader(_Read(data), batch_size=None, sampler=plan, num_workers=workers,
-                                         pin_memory=pin_memory)
+                                         pin_memory=pin_memory, generator=torch.Generator())
     for step, m, x, labels in loader:
         yield step, m, x, labels
