@@ -260,3 +260,24 @@ def default_outdir(args, defaults, named):
                                                       if others else [])
     data = os.path.basename(str(args["data"]).split(":")[-1].rstrip("/"))
     return os.path.join("runs", "-".join([args["algo"], data] + variant))
+
+
+def early_check(outdir, args, resume):
+    """The folder checks that need nothing but the arguments, made before any data or network is loaded: a new run
+    in a folder that holds one, `--resume` without a checkpoint, or with other settings than the saved ones (of the
+    flags known now; `resume_state` checks the resolved ones, such as the default lr, again). A message, or None."""
+    if not resume:
+        found = holds_run(outdir)
+        return None if not found else (f"--outdir {outdir} already holds a run ({', '.join(found)}); continue it "
+                                       f"with --resume or choose another --outdir")
+    if not checkpoints(outdir) and not glob.glob(os.path.join(outdir, "S*", "ckpt-*.pt")):
+        return f"--resume: no checkpoint in {outdir}"
+    try:
+        with open(os.path.join(outdir, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None  # no readable args.json: the checkpoint's own record is checked when it is loaded
+    resolved_later = ("arch", "lr", "ema_halflife", "dropout")
+    diff = [d for d in differences(saved, args) if d.split()[0][2:].replace("-", "_") not in resolved_later]
+    return None if not diff else (f"--resume: {outdir} was trained with different settings: {', '.join(diff)}; "
+                                  f"start a new run with another --outdir to change them")

@@ -112,6 +112,8 @@ variants = {"cond": args.cond, "analytic": args.precond == "analytic", "ct": arg
             not in (None, "exact"), f"S{steps[0]}": bool(args.student_steps) and len(steps) == 1}
 outdir = args.outdir or rundir.default_outdir({**vars(args), "data": data_name},
                                               vars(parser.parse_args(["--algo", args.algo])), variants)
+if why := rundir.early_check(outdir, {**vars(args), "data": data_name, "student_steps": steps}, args.resume):
+    fail(why)
 try:
     rundir.check_writable(outdir)
     if args.fid:
