@@ -28,6 +28,11 @@ from torch import nn
 HARMLESS_SRC = "# the class's source file would be here\n"
 
 
+def marker_src(marker):
+    """A `module_src` that writes the file `marker` and raises if it is ever executed (a loader must never run it)."""
+    return f"open({str(marker)!r}, 'w').write('module_src ran')\nraise RuntimeError('module_src was executed')\n"
+
+
 def _reconstruct_persistent_obj(meta):
     exec(compile(meta["module_src"], "<module_src>", "exec"), {})
     return meta
@@ -83,7 +88,7 @@ def edm_layout(module, src):
 
 def edm_pickle_bytes(net, kwargs, module_src=HARMLESS_SRC, precond="EDMPrecond", use_fp16=False, **extra):
     model = edm_layout(net, module_src)
-    model.meta["state"]["_init_kwargs"] = dict(kwargs, dropout=np.float64(kwargs["dropout"]))
+    model.meta["state"]["_init_kwargs"] = dict(kwargs, dropout=np.float64(kwargs.get("dropout", 0.0)))
     ema_state = dict(training=False, _parameters=OrderedDict(), _buffers=OrderedDict(),
                      _non_persistent_buffers_set=set(), _modules=OrderedDict(model=model), _init_args=(),
                      img_resolution=net.img_resolution, img_channels=net.img_channels, label_dim=net.label_dim,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from networks.edm_unet import SONGUNET_CONFIGS, SongUNet
-from nvlabs_pickle import write_edm_pickle
+from edm_pickle import marker_src, write_edm_pickle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -107,7 +107,7 @@ def files(tmp_path_factory, runs):
     torch.manual_seed(0)
     for name, label_dim in (("uncond8.pkl", 0), ("cond8.pkl", 10)):
         kwargs = dict(SONGUNET_CONFIGS["tiny-ddpmpp-8"], label_dim=label_dim)
-        write_edm_pickle(d / name, SongUNet(**kwargs), kwargs, d / "module_src_ran")
+        write_edm_pickle(d / name, SongUNet(**kwargs), kwargs, marker_src(d / "module_src_ran"))
     good = (d / "uncond8.pkl").read_bytes()
     (d / "truncated.pkl").write_bytes(good[: len(good) // 2])
     rng = np.random.default_rng(0)
@@ -159,7 +159,7 @@ class TestStudentStepsAreDistinctPositiveIntegers:
         assert not (tmp_path / "new").exists()
 
 
-# ------------------------------------------------------------------------------------------------ flags that do not apply
+# ---------------------------------------------------------------------------------------------- flags that do not apply
 NOT_HERE = [
     (["--algo", "cd", "--xflip"], "--xflip"),                                  # toys: no images to flip
     (["--algo", "cd", "--fid", "10"], "--fid"),
@@ -356,8 +356,8 @@ class TestGenerateRefusesBadInput:
                                                          for a, _ in GENERATE])
     def test_refused(self, tmp_path, workdir, runs, files, args, flag):
         args = [a.format(tmp=tmp_path, files=files, cd=runs["cd"]) for a in args]
-        p = launch("generate.py", [*args, "--outdir", tmp_path / "out", *(["--seeds", "0-3"] * ("--seeds" not in args))],
-                   workdir)
+        seeds = ["--seeds", "0-3"] * ("--seeds" not in args)
+        p = launch("generate.py", [*args, "--outdir", tmp_path / "out", *seeds], workdir)
         message = assert_refused(p, flag, script="generate.py")
         if flag == "--network":
             assert args[1] in message

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from networks.edm_unet import DHARIWALUNET_CONFIGS, SONGUNET_CONFIGS, DhariwalUNet, SongUNet
-from nvlabs_pickle import write_edm_pickle
+from edm_pickle import marker_src, write_edm_pickle
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -75,7 +75,7 @@ def pickles(tmp_path_factory):
     out = {}
     for name, (cls, kwargs) in ARCHS.items():
         torch.manual_seed(0)
-        out[name] = write_edm_pickle(d / f"edm-{name}.pkl", cls(**kwargs), kwargs, d / "module_src_ran")
+        out[name] = write_edm_pickle(d / f"edm-{name}.pkl", cls(**kwargs), kwargs, marker_src(d / "module_src_ran"))
     yield out
     assert not (d / "module_src_ran").exists(), "code inside a .pkl was executed"
 
@@ -140,7 +140,7 @@ def test_the_readme_gpu_command_with_the_full_size_cifar10_teacher(tmp_path):
     kwargs = SONGUNET_CONFIGS["cifar10-ddpmpp-uncond"]
     torch.manual_seed(0)
     pkl = write_edm_pickle(tmp_path / "edm-cifar10-32x32-uncond-vp.pkl", SongUNet(**kwargs), kwargs,
-                           tmp_path / "module_src_ran")
+                           marker_src(tmp_path / "module_src_ran"))
     cifar = write_cifar10(tmp_path / "cifar-10-batches-py", per_batch=4)
     run = tmp_path / "run"
     p = launch("train.py", ["--algo", "ctm", "--data", f"cifar10:{cifar}", "--teacher", pkl, "--init-from-teacher",
