@@ -252,7 +252,7 @@ def report(out, s):
         return results
     fig, ax = plt.subplots(len(results), 4, figsize=(18, 4 * len(results)), squeeze=False)
     for row, (name, res) in zip(ax, results.items()):
-        for col, (algo, nfe) in enumerate([("ctm", 2), ("ctm", 1), ("ctm", 4), ("cd", 2)]):
+        for col, (algo, nfe) in enumerate([("ctm", 2), ("ctm", 1), ("ctm", 4), ("cd", 1)]):
             a = res["algos"].get(algo)
             if a is None:
                 continue
