@@ -277,7 +277,8 @@ def early_check(outdir, args, resume):
             saved = json.load(f)
     except (OSError, ValueError):
         return None  # no readable args.json: the checkpoint's own record is checked when it is loaded
-    resolved_later = ("arch", "lr", "ema_halflife", "dropout")
+    # Flags that take a default later (lr, arch, …) are compared here only when given; resume_state checks the rest.
+    resolved_later = {k for k in ("arch", "lr", "ema_halflife", "dropout") if args.get(k) is None}
     diff = [d for d in differences(saved, args) if d.split()[0][2:].replace("-", "_") not in resolved_later]
     return None if not diff else (f"--resume: {outdir} was trained with different settings: {', '.join(diff)}; "
                                   f"start a new run with another --outdir to change them")
