@@ -90,7 +90,7 @@ def estimate_ell(cfg, teacher, x0, z, v, labels=None):
         for x0_b, z_b, v_b, y_b in _batches(cfg, x0, z, v, labels):
             x = x0_b + t * z_b                                                      # x_t ~ q_t (forward noising)
             sigma = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
-            _, Jv = torch.func.jvp(lambda x_: teacher(x_, sigma, y_b), (x,), (v_b,))   # (∇_x D_φ)·v
+            _, Jv = torch.func.jvp(lambda x_, s=sigma, y=y_b: teacher(x_, s, y), (x,), (v_b,))  # (∇_x D_φ)·v
             acc += (v_b * Jv).to(torch.float64).sum().item()                       # Σ vᵀ J v
         ell[j] = acc / x0.numel()                                                   # / (K·d)
     return ell
@@ -109,7 +109,7 @@ def estimate_kappa(cfg, teacher, x0, z, ell, labels=None):
             x = x0_b + t * z_b
             sigma = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
             D = teacher(x, sigma, y_b)
-            _, D1 = torch.func.jvp(lambda x_, s_: teacher(x_, s_, y_b), (x, sigma), (D - x, -sigma))  # dD_φ/dλ
+            _, D1 = torch.func.jvp(lambda x_, s_, y=y_b: teacher(x_, s_, y), (x, sigma), (D - x, -sigma))  # dD/dλ
             N = (D - ell[j] * x).to(torch.float64)                                     # N_φ = D_φ − ℓx
             N1 = (D1 - dell[j] * x - ell[j] * (D - x)).to(torch.float64)               # dN_φ/dλ
             num, den = num + (N * N1).sum().item(), den + N.square().sum().item()
@@ -141,8 +141,8 @@ def compute_stats(cfg, teacher, x0, labels=None, generator=None):
     with sdpa_kernel(SDPBackend.MATH):
         ell = estimate_ell(cfg, teacher, x0, z, v, labels)
         kappa = estimate_kappa(cfg, teacher, x0, z, ell, labels)
-    return Stats(lambda_grid(cfg), ell, kappa, cfg.sigma_data, teacher_fingerprint(teacher, x0[:4],
-                                                                                   None if labels is None else labels[:4]))
+    fingerprint = teacher_fingerprint(teacher, x0[:4], None if labels is None else labels[:4])
+    return Stats(lambda_grid(cfg), ell, kappa, cfg.sigma_data, fingerprint)
 
 
 # ---- tying statistics to their teacher; files ----------------------------------------------------------------

@@ -37,8 +37,8 @@ from networks.mlp import MLP
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
-# The budget is what 2 CPU cores shared with other jobs allow: statistics from 1024 samples (train.py's toy budget) rather
-# than the paper's 4096, 400 CTM and 300 CD iterations; the picture shows how far the curves have flattened.
+# The budget is what 2 CPU cores allow: statistics from 1024 samples (train.py's toy budget) rather than the paper's
+# 4096, 400 CTM and 300 CD iterations; the picture shows how far the curves have flattened.
 FULL = dict(datasets=("ring8", "spiral"), seeds=(0, 1, 2), teacher_iters=1500, ctm_iters=400, cd_iters=300,
             batch=128, eval_every=50, done_at=400, n_eval=1024, stat_intervals=120, stat_samples=1024)
 QUICK = dict(datasets=("ring8",), seeds=(0,), teacher_iters=20, ctm_iters=20, cd_iters=20, batch=32, eval_every=10,
@@ -235,8 +235,8 @@ def report(out, s):
               f"{res['teacher_vs_exact']['gap_mean']:.2e}; (β, α)(T, ε): {res['beta_alpha_T_eps']}")
         for algo, a in res["algos"].items():
             sm = a["summary"]
-            print(f"{name}, {algo.upper()}, {len(s['seeds'])} seeds x {s[f'{algo}_iters']} iterations. Final gap to the "
-                  f"teacher network's ODE | to the exact ODE (mean of the runs' means ± s.e.):")
+            print(f"{name}, {algo.upper()}, {len(s['seeds'])} seeds x {s[f'{algo}_iters']} iterations. Final gap to "
+                  f"the teacher network's ODE | to the exact ODE (mean of the runs' means ± s.e.):")
             for arm in a["runs"]:
                 print(f"  {arm:17s} " + "  ".join(f"NFE {nfe}: {fmt(sm[arm][f'teacher_gap_mean_nfe{nfe}'])} | "
                                                   f"{fmt(sm[arm][f'exact_gap_mean_nfe{nfe}'])}" for nfe in NFES))

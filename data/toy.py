@@ -29,7 +29,8 @@ class GaussianMixture:
         self.means = torch.as_tensor(means, dtype=torch.float64)        # [K, d]
         self.std = float(std)
         K = self.means.shape[0]
-        w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights)
+        w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(
+            weights, dtype=torch.float64)
         self.log_w = (w / w.sum()).log().to(torch.float64)               # [K]
         self.classes = None if classes is None else torch.as_tensor(classes, dtype=torch.long)  # [K]
         self.label_dim = 0 if classes is None else int(self.classes.max()) + 1
