@@ -23,7 +23,7 @@ import torch
 # logging and checkpoint intervals, evaluation size, loader workers, micro-batch size) may change on resume.
 RUN_FLAGS = ("algo", "data", "teacher", "init_from_teacher", "arch", "batch", "seed", "precision", "xflip", "cond",
              "precond", "distance", "mu", "gamma", "no_dsm", "student_steps", "ema_halflife", "ema_rampup",
-             "dropout", "ct", "lr")
+             "dropout", "ct", "lr", "teacher_step")
 RUN_FILES = ("args.json", "metrics.json", "stats.jsonl")
 
 

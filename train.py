@@ -39,9 +39,10 @@ ALGOS = {
     "ctm": dict(data="ring8", iters=3000, lr=(2e-3, 2e-4), mu=0.99, s_input=True, dropout=0.13,  # CTM's SongUNet
                 flags=("teacher", "init_from_teacher", "precond", "distance", "mu", "gamma", "no_dsm")),
     "mcm": dict(data="two_modes", iters=1500, lr=(1e-3, 2e-4), mu=None, s_input=False, dropout=None,
-                flags=("teacher", "init_from_teacher", "student_steps", "ct")),
+                flags=("teacher", "init_from_teacher", "student_steps", "ct", "teacher_step")),
 }
-ALGO_FLAGS = ("teacher", "init_from_teacher", "precond", "distance", "mu", "gamma", "no_dsm", "student_steps", "ct")
+ALGO_FLAGS = ("teacher", "init_from_teacher", "precond", "distance", "mu", "gamma", "no_dsm", "student_steps", "ct",
+              "teacher_step")
 IMAGE_FLAGS = ("xflip", "fid", "arch", "workers", "dropout")
 DISTANCES = {"squared_l2": edm.squared_l2, "l2": edm.l2, "pseudo_huber": edm.pseudo_huber}  # --distance -> d(a, b)
 ARCHS = checkpoint.architectures()
@@ -69,6 +70,8 @@ arg("--mu", type=rundir.rate, help="cd/ctm: target EMA rate μ of θ⁻, in [0, 
 arg("--gamma", type=rundir.fraction, help="ctm: γ of the γ-sampler (0 deterministic, 1 CM's)")
 arg("--no-dsm", action="store_true", help="ctm: train without the DSM term")
 arg("--student-steps", type=rundir.step_list, help="mcm: S, or a comma list trained in turn (default 1,2,4,8)")
+arg("--teacher-step", choices=["addim", "ddim"], help="mcm: the teacher's step (default: aDDIM as Alg. 1 on images; "
+    "DDIM on toys, whose exact ODE the aDDIM correction deliberately leaves, docs/results.md claim 5)")
 arg("--ct", action="store_true", help="mcm: consistency training, no teacher (Heek et al. Alg. 1 with the true x)")
 arg("--dropout", type=rundir.rate, help="images: the student's dropout (default: the paper's)")
 arg("--ema-halflife", type=rundir.pos_float, help="evaluation EMA half-life in samples (default 20k toys, 500k images)")
@@ -196,6 +199,8 @@ run_args = {**vars(args), "data": data_name, "arch": arch, "lr": lr, "ema_halfli
 def configs():
     """The algorithm's Config with the paper's defaults, overridden by the flags given: one per run (per S)."""
     over = {k: getattr(args, k) for k in ("mu", "gamma") if getattr(args, k) is not None}
+    if args.algo == "mcm":
+        over["addim_teacher"] = (args.teacher_step or ("ddim" if is_toy else "addim")) == "addim"
     over.update({"use_dsm": False} if args.no_dsm else {}, **{"mu": A["mu"]} if is_toy and args.mu is None and A["mu"]
                 else {}, **{"anneal_iters": iters // 2} if args.algo == "mcm" else {})  # MCM App. A.1: half the run
     cfg = dataclasses.replace(evaluate.ALGOS[args.algo].Config(), **over)
