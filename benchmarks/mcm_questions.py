@@ -461,8 +461,8 @@ def q_boundaries(p, quick):
                     - {0})
     B = 2048 if not quick else 128
     D = as_denoiser(teacher_net(p))
-    per_seed = []
-    for seed in p["seeds"]:
+
+    def one_seed(seed):
         net = common.MLP(dim=dataset.dim)
         net.load_state_dict(student_run(p, "cd-addim", seed, cd_loss(S, p["iters"]), S)["state"])
         net = net.to(torch.float64).eval()
@@ -480,13 +480,18 @@ def q_boundaries(p, quick):
                 x_teacher = D(x_t, sig_t)
                 x_s = addim.addim(x_teacher, x_t, sig_t, sig_s, addim.x_var_empirical(x, x_teacher, cfg.eta))
                 L = mcm.consistency_loss(cfg, net, x_t, x_s, t_step, t, s)                     # Alg. 1, per example
-                jump = addim.ddim(mcm.denoise(cfg, net, x_t, sig_t), x_t, sig_t, sig_step)     # the student's jump
-                ode = dataset.ode(x_t, sig_t, sig_step.clamp(min=edm.SIGMA_MIN))
+                # The last segment ends at σ = 0, where the ODE reference cannot go: both end at min(σ_min, σ_t).
+                sig_end = torch.where(sig_step > 0, sig_step, sig_t.clamp(max=edm.SIGMA_MIN))
+                jump = addim.ddim(mcm.denoise(cfg, net, x_t, sig_t), x_t, sig_t, sig_end)      # the student's jump
+                ode = dataset.ode(x_t, sig_t, sig_end)
                 err = (jump - ode).square().mean(1)
                 rows.append(dict(segment=k, n_rel=n, t=float(t[0]), sigma=float(sig_t[0]),
                                  loss_mean=L.mean().item(), loss_sd=L.std().item(),
                                  err_mean=err.mean().item(), err_se=(err.std() / math.sqrt(B)).item()))
-        per_seed.append(rows)
+        return rows
+    per_seed = [cached(f"boundaries-seed{seed}-" + fingerprint(p["data"], p["iters"], p["teacher_iters"], p["batch"],
+                                                                p["lr"], p["n_eval"], S, N_seg, B, seed),
+                       functools.partial(one_seed, seed)) for seed in p["seeds"]]
     rows = []
     for i, r in enumerate(per_seed[0]):
         out = {k: r[k] for k in ("segment", "n_rel", "t", "sigma")}
