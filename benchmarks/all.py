@@ -10,7 +10,13 @@ runs are cached in runs/benchmark_cache/, so a second full run only re-evaluates
     claim 5  mcm_teacher_step       DDIM or aDDIM as MCM's teacher step
     claim 6  cost                   cost per iteration against the count of network calls
              analytic_precond_report  Analytic-Precond's coefficients against CM's and CTM's on a toy
+             mcm_questions          the reviewers' open questions about MCM, one experiment each
              network_speed          training throughput of the image networks
+             pkl_load               the safe NVlabs-pickle loader against torch.load of the same weights
+             data_loader            memory per rank and loader images/s on a synthetic 100k-PNG zip
+
+Not here: `benchmarks.real_path` (the README's GPU command at full size on CPU, ~15 min) and `benchmarks.gpu_smoke`
+(the CUDA paths, on a GPU).
 """
 import argparse
 import importlib
@@ -21,7 +27,8 @@ import time
 
 import torch
 
-CLAIMS = ["ctm_analytic_precond", "mcm_steps", "addim_vs_ddim", "cd", "mcm_teacher_step", "cost"]  # claims 1–6
+CLAIMS = ["ctm_analytic_precond", "mcm_steps", "addim_vs_ddim", "cd", "mcm_teacher_step", "cost",  # claims 1–6
+          "mcm_questions"]  # the reviewers' questions about MCM
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,6 +49,8 @@ if __name__ == "__main__":
         "analytic_precond_report": ["--out", os.path.join(report_out, "ring8.png")]
         + (["--intervals", "8", "--samples", "128"] if args.quick else []),
         "network_speed": ["--threads", "1"] + (["--quick"] if args.quick else []),
+        "pkl_load": ["--quick"] if args.quick else [],
+        "data_loader": ["--quick"] if args.quick else [],
     }
     for name, extra in commands.items():
         t0 = time.time()
