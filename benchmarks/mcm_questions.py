@@ -577,7 +577,7 @@ def train_only(p, loss_of, seed):
 # ---- tables, pictures, entry point --------------------------------------------------------------------------------
 
 def table(res, question):
-    """The question's result as markdown table lines (what docs/results/mcm_questions.md shows)."""
+    """The question's result as markdown table lines (what docs/results.md shows)."""
     L = []
     if question == "eta":
         L += ["| data / N | x_var | gap to exact ODE | mode switches | energy to data (floor) | mode width / ODE's |",
