@@ -27,7 +27,8 @@ from data import metrics, toy
 # train.py's MCM recipe (Adam 1e-3, batch 256, teacher steps annealed 64 → 1280 over half the run, evaluation EMA).
 # Set-up (i) repeats the previous protocol's set-up with the new metrics, on one seed (set-up (ii) came first).
 FULL = dict(data="two_modes", S=(1, 2, 4, 8), S_i=(1, 2, 4, 8), seeds=(0, 1, 2), seeds_i=(0,), iters=1000, batch=256,
-            lr=1e-3, n_eval=4096, curve=(250, 500, 750, 1000), n_curve=1024, n_target=512, n_xvar=256, teacher=common.TEACHER)
+            lr=1e-3, n_eval=4096, curve=(250, 500, 750, 1000), n_curve=1024, n_target=512, n_xvar=256,
+            teacher=common.TEACHER)
 QUICK = dict(data="two_modes", S=(1, 2), S_i=(1,), seeds=(0, 1), seeds_i=(0,), iters=20, batch=64, lr=1e-3, n_eval=256,
              curve=(10, 20), n_curve=64, n_target=64, n_xvar=32, teacher=dict(iters=20, batch=64, lr=1e-3))
 SETUPS = {"i": "exact teacher, random init", "ii": "EDM network teacher, student = teacher at init"}
