@@ -115,7 +115,10 @@ variants = {"cond": args.cond, "analytic": args.precond == "analytic", "ct": arg
             not in (None, "exact"), f"S{steps[0]}": bool(args.student_steps) and len(steps) == 1}
 outdir = args.outdir or rundir.default_outdir({**vars(args), "data": data_name},
                                               vars(parser.parse_args(["--algo", args.algo])), variants)
-if why := rundir.early_check(outdir, {**vars(args), "data": data_name, "student_steps": steps}, args.resume):
+# Rank 0 only: on nodes without a shared filesystem the other ranks' folders may lack the checkpoint (they get it
+# from rank 0); if rank 0 stops here, torchrun stops the others.
+if master and (why := rundir.early_check(outdir, {**vars(args), "data": data_name, "student_steps": steps},
+                                         args.resume)):
     fail(why)
 try:
     rundir.check_writable(outdir)
