@@ -49,9 +49,9 @@ if __name__ == "__main__":
         "analytic_precond_report": ["--out", os.path.join(report_out, "ring8.png")]
         + (["--intervals", "8", "--samples", "128"] if args.quick else []),
         "network_speed": ["--threads", "1"] + (["--quick"] if args.quick else []),
-        "pkl_load": ["--quick"] if args.quick else [],
-        "data_loader": ["--quick"] if args.quick else [],
     }
+    if not args.quick:  # their smoke runs are the loader and checkpoint tests (tests/test_loader.py, test_checkpoint.py)
+        commands.update(pkl_load=[], data_loader=[])
     for name, extra in commands.items():
         t0 = time.time()
         print(f"=== benchmarks.{name}", flush=True)
