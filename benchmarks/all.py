@@ -50,7 +50,7 @@ if __name__ == "__main__":
         + (["--intervals", "8", "--samples", "128"] if args.quick else []),
         "network_speed": ["--threads", "1"] + (["--quick"] if args.quick else []),
     }
-    if not args.quick:  # their smoke runs are the loader and checkpoint tests (tests/test_loader.py, test_checkpoint.py)
+    if not args.quick:  # their smoke runs are tests/test_loader.py and tests/test_checkpoint.py
         commands.update(pkl_load=[], data_loader=[])
     for name, extra in commands.items():
         t0 = time.time()
