@@ -109,17 +109,15 @@ def steps(kind, batch, teacher, precond):
                                          generator=g).mean().backward(),
         "ctm": lambda: ctm.loss(ctm.Config(), net_s, net_s_ema, teacher, x, generator=g,
                                 last_layer=last).mean().backward(),
-        "ctm + AP": lambda: ctm.loss(ctm.Config(), net_s, net_s_ema, teacher, x, generator=g, precond=precond,
-                                     last_layer=last).mean().backward(),
+        "ctm + AP": lambda: ctm.loss(ctm.Config(), net_s, net_s_ema, teacher, x, generator=g, last_layer=last,
+                                     outer=lambda t, s: analytic_precond.coefficients(precond, t, s)).mean().backward(),
     }
     opt = torch.optim.Adam(net_s.parameters(), 1e-4)
 
     def optimizer_and_emas():           # Adam step, target θ⁻ and evaluation-EMA updates (train.py)
         opt.step()
-        with torch.no_grad():
-            for p_t, p in zip(net_s_ema.parameters(), net_s.parameters()):
-                p_t.lerp_(p, 0.01)      # θ⁻
-                p_t.lerp_(p, 0.01)      # and the evaluation EMA: the same work once more
+        edm.ema_update_(net_s_ema, net_s, 0.99)  # θ⁻
+        edm.ema_update_(net_s_ema, net_s, 0.99)  # and the evaluation EMA: the same work once more
 
     rows["Adam + EMAs"] = optimizer_and_emas
     return rows, [net, net_s]
