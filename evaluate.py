@@ -11,8 +11,10 @@ its network and sampler without repeating a training flag:
 """
 import argparse
 import copy
+import dataclasses
 import os
 import sys
+import time
 
 import torch
 
@@ -33,6 +35,16 @@ def analytic_stats(model, device="cpu"):
     d = model.get("analytic_stats")
     return None if not d else analytic_precond.Stats(**{k: (v.to(device) if torch.is_tensor(v) else v)
                                                         for k, v in d.items()})
+
+
+def analytic_record(teacher, x0, labels, log=print):
+    """Analytic-Precond's ℓ and κ of `teacher` from the data x0 (and labels), as the record `analytic_stats` reads.
+    None, and a message, if the default reading's coefficients are out of bounds (`analytic_precond.check_bounded`)."""
+    t0 = time.time()
+    s = analytic_precond.compute_stats(analytic_precond.Config(num_samples=len(x0)), teacher, x0, labels,
+                                       torch.Generator(x0.device).manual_seed(1))
+    log(f"Analytic-Precond statistics from {len(x0)} samples: {time.time() - t0:.1f}s")
+    return {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.init}, analytic_precond.check_bounded(s)
 
 
 def outer_coefficients(model, device="cpu"):
@@ -150,6 +162,16 @@ def mcm_summary(outdir, outs, x_data, denoiser, log=print):
     if denoiser is not None:
         paths = {f"S = {k}": torch.stack(p)[:, :32] for o in outs for k, p in o["paths"].items()}  # [S+1, 32, 2]
         picture("mcm_paths", os.path.join(outdir, "trajectories.png"), log, denoiser, paths)
+
+
+def run_picture(path, model, out, x_data, log=print):
+    """The end-of-run picture: `evaluate_run`'s samples at every NFE beside the references (and the paths)."""
+    precond = "analytic" if model["analytic_stats"] else "paper"
+    how = (f", S = {model['cfg']['S']}" if model["algo"] == "mcm" else f", {precond} preconditioning"
+           if model["algo"] in ("cd", "ctm") else "")
+    picture("samples", path, log, {**{f"{k} NFE": v for k, v in out["samples"].items()}, **out["refs"]},
+            f"{model['algo']} on {model['data']['name']}{how}", x_data,
+            {f"{k} NFE": v for k, v in out["paths"].items()})
 
 
 def picture(draw, path, log, *a, **k):

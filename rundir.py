@@ -47,9 +47,35 @@ def check_writable(outdir):
     while not os.path.exists(probe):
         probe = os.path.dirname(probe) or "."
     if not os.path.isdir(probe):
-        raise RunError(f"{probe} is a file, not a folder")
+        raise RunError(f"--outdir {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise RunError(f"{probe} is not writable")
+        raise RunError(f"--outdir {probe} is not writable")
+
+
+IMAGE_FLAGS = ("xflip", "fid", "arch", "workers", "dropout")  # flags that only image data takes
+
+
+def check_flags(args, algos, toy=None):
+    """Refuse a flag given to an algorithm (an entry of train.ALGOS, whose "flags" it takes) or to data (`toy`: the
+    2D toy's name, None for images) it does not apply to, naming the flag and what it applies to."""
+    algo_flags = dict.fromkeys(f for a in algos.values() for f in a["flags"])
+    for name in (*algo_flags, *(IMAGE_FLAGS if toy else ())):
+        if vars(args)[name] not in (None, False, 0) and (name in IMAGE_FLAGS or name not in algos[args.algo]["flags"]):
+            owners = " or ".join(a for a, d in algos.items() if name in d["flags"])
+            raise RunError(f"--{name.replace('_', '-')} applies to " + (
+                f"image data, not the 2D toy {toy!r}" if name in IMAGE_FLAGS else f"--algo {owners}, "
+                f"not {args.algo}"))
+
+
+def micro_batches(batch, batch_gpu, world_size):
+    """(per-rank micro-batch, micro-batches per rank and step) of a global batch; RunError naming the bad flag."""
+    if batch % world_size:
+        raise RunError(f"--batch {batch} is not divisible by the number of processes ({world_size})")
+    per_rank = batch // world_size
+    batch_gpu = batch_gpu or per_rank
+    if per_rank % batch_gpu:
+        raise RunError(f"--batch-gpu {batch_gpu} does not divide the per-rank batch {per_rank}")
+    return batch_gpu, per_rank // batch_gpu
 
 
 def holds_run(outdir):
@@ -215,6 +241,23 @@ def load_everywhere(path, world_size):
         box = [state]
         dist.broadcast_object_list(box)
         state = box[0]
+    return state
+
+
+def restore(outdir, args, modules, rank, world_size, device, log=print):
+    """Resume every rank from the newest usable checkpoint in `outdir`, which rank 0 chooses (`resume_state`): the
+    state_dicts of `modules` (name -> module or None), and this rank's own RNG stream. The checkpoint, or RunError."""
+    status, path = on_master(lambda: resume_state(outdir, args, log)[0], world_size)
+    if status == "error":
+        raise RunError(path)
+    state = load_everywhere(path, world_size)  # a rank that cannot see the file gets it from rank 0
+    if len(state["rng"]) != world_size:
+        raise RunError(f"{outdir} ran on {len(state['rng'])} processes, not {world_size}")
+    for key, module in modules.items():
+        if module is not None:
+            module.load_state_dict(state[key])
+    set_rng_state(state["rng"][rank], device)  # every rank continues its own stream (dropout)
+    log(f"resumed from {path} at iteration {state['step']}")
     return state
 
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 import evaluate
 import rundir
-from algorithms import analytic_precond, edm
+from algorithms import edm
 from data import images, loader, toy
 from networks import checkpoint
 
@@ -41,11 +41,9 @@ ALGOS = {
     "mcm": dict(data="two_modes", iters=1500, lr=(1e-3, 2e-4), mu=None, s_input=False, dropout=None,
                 flags=("teacher", "init_from_teacher", "student_steps", "ct", "teacher_step")),
 }
-ALGO_FLAGS = ("teacher", "init_from_teacher", "precond", "distance", "mu", "gamma", "no_dsm", "student_steps", "ct",
-              "teacher_step")
-IMAGE_FLAGS = ("xflip", "fid", "arch", "workers", "dropout")
 DISTANCES = {"squared_l2": edm.squared_l2, "l2": edm.l2, "pseudo_huber": edm.pseudo_huber}  # --distance -> d(a, b)
 ARCHS = checkpoint.architectures()
+AMP = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision -> autocast dtype
 
 parser = argparse.ArgumentParser(description="Train EDM, CD, CTM or MCM (see README.md).")
 arg = parser.add_argument
@@ -59,7 +57,7 @@ arg("--batch", type=rundir.pos_int, default=256, help="global batch size, split 
 arg("--batch-gpu", type=rundir.pos_int, help="per-rank micro-batch (gradient accumulation)")
 arg("--lr", type=rundir.pos_float, help="Adam learning rate (default: per algorithm, toys and images)")
 arg("--seed", type=rundir.nonneg_int, default=0)
-arg("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+arg("--precision", default="fp32", choices=list(AMP))
 arg("--xflip", action="store_true", help="images: random horizontal flips")
 arg("--cond", action="store_true", help="class-conditional, when the data has labels (as EDM's --cond)")
 arg("--teacher", help="'exact' (default; toys, digits), an NVlabs EDM .pkl, or a run of this script's --algo edm")
@@ -97,35 +95,26 @@ def fail(message):
 
 data_name = args.data or A["data"]
 is_toy = data_name in toy.DATASETS
-for name in ALGO_FLAGS + (IMAGE_FLAGS if is_toy else ()):
-    if getattr(args, name) not in (None, False, 0) and (name in IMAGE_FLAGS or name not in A["flags"]):
-        owners = " or ".join(a for a, d in ALGOS.items() if name in d["flags"])
-        fail(f"--{name.replace('_', '-')} applies to " + (f"image data, not the 2D toy {data_name!r}" if name in
-                                                          IMAGE_FLAGS else f"--algo {owners}, not {args.algo}"))
-if args.ct and args.teacher and not args.init_from_teacher:
-    fail("--teacher with --ct only initialises the student: add --init-from-teacher")
-if args.batch % world_size:
-    fail(f"--batch {args.batch} is not divisible by the number of processes ({world_size})")
-batch_gpu = args.batch_gpu or args.batch // world_size
-if (args.batch // world_size) % batch_gpu:
-    fail(f"--batch-gpu {batch_gpu} does not divide the per-rank batch {args.batch // world_size}")
-accum = args.batch // world_size // batch_gpu  # micro-batches per rank and step
 steps = args.student_steps or ([1, 2, 4, 8] if args.algo == "mcm" else [None])
 variants = {"cond": args.cond, "analytic": args.precond == "analytic", "ct": args.ct, "teacher-net": args.teacher
             not in (None, "exact"), f"S{steps[0]}": bool(args.student_steps) and len(steps) == 1}
 outdir = args.outdir or rundir.default_outdir({**vars(args), "data": data_name},
                                               vars(parser.parse_args(["--algo", args.algo])), variants)
-# Rank 0 only: on nodes without a shared filesystem the other ranks' folders may lack the checkpoint (they get it
-# from rank 0); if rank 0 stops here, torchrun stops the others.
-if master and (why := rundir.early_check(outdir, {**vars(args), "data": data_name, "student_steps": steps},
-                                         args.resume)):
-    fail(why)
 try:
+    rundir.check_flags(args, ALGOS, data_name if is_toy else None)
+    batch_gpu, accum = rundir.micro_batches(args.batch, args.batch_gpu, world_size)  # accum: micro-batches per step
+    if args.ct and args.teacher and not args.init_from_teacher:
+        raise rundir.RunError("--teacher with --ct only initialises the student: add --init-from-teacher")
+    # Rank 0 only: on nodes without a shared filesystem the other ranks' folders may lack the checkpoint (they get
+    # it from rank 0); if rank 0 stops here, torchrun stops the others.
+    if master and (why := rundir.early_check(outdir, {**vars(args), "data": data_name, "student_steps": steps},
+                                             args.resume)):
+        raise rundir.RunError(why)
     rundir.check_writable(outdir)
     if args.fid:
         import torch_fidelity  # noqa: F401 - only checked here; data/fid.py uses it after training
 except rundir.RunError as e:
-    fail(f"--outdir {e}")
+    fail(str(e))
 except ImportError:
     fail("--fid needs torch-fidelity (the fid extra): pip install -e '.[fid]'")
 
@@ -142,31 +131,13 @@ log = print if master else (lambda *a, **k: None)
 # ---------------------------------------------------------------- data: checked in full before any training
 if is_toy:
     torch.set_num_threads(1)  # 2D batches are tiny: one thread avoids OpenMP spin-waits, which cost 10x on busy cores
-    dataset = toy.DATASETS[data_name]()
-    x_train, y_train = dataset.sample(65536, torch.Generator().manual_seed(args.seed), torch.float32)
-    num_train, label_dim, data_shape = len(x_train), dataset.label_dim if args.cond else 0, (dataset.dim,)
-else:
-    try:
-        # Decoded once per node into a memory-mapped cache that every rank and loader worker shares (data/images.py).
-        dataset = images.open_dataset(data_name, cache_dir=images.default_cache_dir())
-    except (images.DatasetError, ImportError) as e:
-        fail(f"--data {data_name}: {e}")
-    num_train, label_dim = len(dataset), dataset.num_classes if args.cond else 0
-    data_shape = (dataset.channels, dataset.resolution, dataset.resolution)
-if args.cond and not label_dim:
+try:
+    train_set = loader.TrainingData(data_name, args.seed, args.cond, device)
+except (images.DatasetError, ImportError) as e:
+    fail(f"--data {data_name}: {e}")
+if args.cond and not train_set.label_dim:
     fail(f"--cond: the dataset {data_name!r} has no class labels")
-data_record = dict(name=data_name, shape=list(data_shape), label_dim=label_dim)
-exact = dataset.denoiser if is_toy else images.EmpiricalTeacher(dataset).to(device) if data_name == "digits" else None
-
-
-def on_device(x, y):
-    """A batch and its one-hot labels (None for an unconditional run) on the device."""
-    y = None if y is None or not label_dim else y if is_toy else images.one_hot(y, label_dim)
-    return x.to(device, non_blocking=True), (None if y is None else y.to(device, non_blocking=True))
-
-
-def examples(idx):
-    return on_device(*((x_train[idx], None if y_train is None else y_train[idx]) if is_toy else dataset.batch(idx)))
+exact, data_record = train_set.exact, train_set.record
 
 
 # ---------------------------------------------------------------- the teacher φ (frozen) and the student's network
@@ -175,22 +146,19 @@ if args.teacher not in (None, "exact"):
     if args.arch:
         fail(f"--arch {args.arch}: the teacher {args.teacher} fixes the student's architecture")
     try:
-        teacher_info = checkpoint.load_teacher(args.teacher)
-        why = checkpoint.teacher_mismatch(teacher_info, data_record, by_name=is_toy or data_name == "digits")
+        teacher_info = checkpoint.load_teacher(args.teacher, data_record, by_name=is_toy or data_name == "digits")
     except checkpoint.CheckpointError as e:
-        why = str(e)
-    if why:
-        fail(f"--teacher {args.teacher}: {why}")
+        fail(f"--teacher {args.teacher}: {e}")
 elif args.init_from_teacher:
     fail("--init-from-teacher needs a teacher network (--teacher FILE), not the exact denoiser")
 elif args.algo != "edm" and not args.ct and exact is None:
     fail(f"--teacher: {data_name} has no exact denoiser (only the toys and digits do); give a teacher network")
 teacher = None if args.algo == "edm" or args.ct else exact if teacher_info is None else edm.Denoiser(
     teacher_info.net, fp16=teacher_info.use_fp16).to(device)
-arch = None if is_toy or teacher_info else args.arch or f"tiny-ddpmpp-{dataset.resolution}"
+arch = None if is_toy or teacher_info else args.arch or f"tiny-ddpmpp-{data_record['shape'][-1]}"
 if arch is not None and arch not in ARCHS:
     fail(f"--arch {arch}: choose one of {', '.join(ARCHS)}" if args.arch else f"--data {data_name}: no default "
-         f"architecture for {dataset.resolution}x{dataset.resolution} images; choose --arch")
+         f"architecture for {data_record['shape'][-1]}x{data_record['shape'][-1]} images; choose --arch")
 iters = args.iters or A["iters"] * (1 if is_toy else 2)
 lr = args.lr or A["lr"][0 if is_toy else 1]
 ema_halflife = args.ema_halflife or (20_000 if is_toy else 500_000)
@@ -219,16 +187,6 @@ def claim(folder):
         fail(f"--outdir {message}")
 
 
-def analytic_statistics():
-    """Analytic-Precond's ℓ and κ of the teacher (once per run, on rank 0), as the record that rebuilds its Stats."""
-    t0, ap_cfg = time.time(), analytic_precond.Config(num_samples=1024 if is_toy else 256)
-    idx = torch.randperm(num_train, generator=torch.Generator().manual_seed(args.seed))[:ap_cfg.num_samples]
-    x0, y0 = examples(idx)
-    s = analytic_precond.compute_stats(ap_cfg, teacher, x0, y0, torch.Generator(device).manual_seed(1))
-    log(f"Analytic-Precond statistics: {time.time() - t0:.1f}s")
-    return {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.init}
-
-
 # ---------------------------------------------------------------- one training run
 def run(outdir, cfg):
     torch.manual_seed(args.seed)  # the same initial weights on every rank (and so for net_ema and ema, too)
@@ -245,22 +203,18 @@ def run(outdir, cfg):
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     step, elapsed, stats = 0, 0.0, None
     if args.resume and (len(steps) == 1 or rundir.checkpoints(outdir)):  # rank 0 chooses the checkpoint
-        status, path = rundir.on_master(lambda: rundir.resume_state(outdir, run_args, log)[0], world_size)
-        if status == "error":
-            fail(f"--resume: {path}")
-        state = rundir.load_everywhere(path, world_size)  # a rank that cannot see the file gets it from rank 0
-        if len(state["rng"]) != world_size:
-            fail(f"--resume: {outdir} ran on {len(state['rng'])} processes, not {world_size}")
-        for module, key in ((net, "net"), (ema, "ema"), (opt, "opt"), (scaler, "scaler"), (net_ema, "net_ema")):
-            if module is not None:
-                module.load_state_dict(state[key])
+        try:
+            state = rundir.restore(outdir, run_args, dict(net=net, ema=ema, opt=opt, scaler=scaler, net_ema=net_ema),
+                                   rank, world_size, device, log)
+        except rundir.RunError as e:
+            fail(f"--resume: {e}")
         step, elapsed, stats = state["step"], state["elapsed"], state["model"]["analytic_stats"]
-        rundir.set_rng_state(state["rng"][rank], device)  # every rank continues its own stream (dropout)
-        log(f"resumed from {path} at iteration {step}")
     else:  # a new run (or, resuming several S, one that had not reached its first checkpoint)
         if args.precond == "analytic":  # once per run, on rank 0, sent to every rank; refused if out of bounds
-            stats = rundir.on_master(analytic_statistics, world_size)[1]
-            if why := analytic_precond.check_bounded(evaluate.analytic_stats(dict(analytic_stats=stats))):
+            x0, y0 = train_set.examples(torch.randperm(len(train_set), generator=torch.Generator().manual_seed(
+                args.seed))[:1024 if is_toy else 256])
+            stats, why = rundir.on_master(lambda: evaluate.analytic_record(teacher, x0, y0, log), world_size)[1]
+            if why:
                 fail(f"--precond analytic: {why}")
         claim(outdir)
         torch.manual_seed(args.seed * 1009 + rank)  # per-rank seed for anything not driven by explicit generators
@@ -297,24 +251,23 @@ def run(outdir, cfg):
             except rundir.RunError as e:
                 raise SystemExit(f"stopping: {e}") from None
             evaluate.snapshot(os.path.join(outdir, f"samples-{step:07d}.png"), model, copy.deepcopy(ema), device,
-                              log, x_train[:512] if is_toy else examples(torch.arange(min(num_train, 64)))[0], outer)
+                              log, train_set.panel(512), outer)
 
     log_file = rundir.StatsLog(os.path.join(outdir, "stats.jsonl"), step) if master else None
     skips_in_row, skips_total, t_start, step0 = 0, 0, time.time(), step
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, count] since the last log line
     # The examples of a micro-batch, and its noise, depend only on (seed, step, its global position j), so N ranks
     # and one rank with N-fold accumulation see identical examples and noise, and a resume needs no loader state.
-    batches = loader.batches((x_train, y_train) if is_toy else dataset, args.seed, args.batch, batch_gpu, rank, accum,
+    batches = loader.batches(train_set.source(), args.seed, args.batch, batch_gpu, rank, accum,
                              step, iters, args.xflip, 0 if is_toy else 2 if args.workers is None else args.workers,
                              device.type == "cuda")
     while step < iters:
         opt.zero_grad(set_to_none=True)
         for m in range(accum):
-            x, labels = on_device(*next(batches)[2:])
+            x, labels = train_set.on_device(*next(batches)[2:])
             g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 4099 + rank * accum + m)
             with ddp_net.no_sync() if ddp and m < accum - 1 else contextlib.nullcontext():
-                with torch.autocast(device.type, dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}.get(
-                        args.precision, "float32")), enabled=args.precision != "fp32"):  # teacher and target too
+                with torch.autocast(device.type, AMP[args.precision], enabled=args.precision != "fp32"):  # φ, θ⁻ too
                     loss = training_loss(x, labels, step, g).float().mean()
                 scaler.scale(loss / accum).backward()
             loss_sum += torch.stack([loss.detach().double() * len(x), torch.tensor(len(x), device=device)])
@@ -362,33 +315,28 @@ def finish(outdir, model, ema, outer, step):
     FID, sharded over the ranks."""
     res, n = {"by_nfe": {nfe: {} for nfe in evaluate.eval_nfes(model)}}, args.eval_samples or (16384 if is_toy else 256)
     if master:
-        out = evaluate.evaluate_run(model, ema, teacher, exact, dataset, n, device, args.seed, outer, _refs)
+        out = evaluate.evaluate_run(model, ema, teacher, exact, train_set.dataset, n, device, args.seed, outer, _refs)
         res = dict(algo=args.algo, data=data_name, iters=step, precond=args.precond or "paper", ct=args.ct,
                    eval_samples=n, by_nfe=out["by_nfe"], _out=out)
         for nfe, m in res["by_nfe"].items():
             log(f"  NFE {nfe:3d}: " + evaluate.summary(m))
-        evaluate.picture("samples", os.path.join(outdir, "samples.png"), log, {
-            **{f"{k} NFE": v for k, v in out["samples"].items()}, **out["refs"]}, f"{args.algo} on {data_name}" +
-            (f", S = {model['cfg']['S']}" if args.algo == "mcm" else f", {args.precond or 'paper'} preconditioning"
-             if args.algo in ("cd", "ctm") else ""), x_train[:2000] if is_toy else examples(
-            torch.arange(min(num_train, 64)))[0], {f"{k} NFE": v for k, v in out["paths"].items()})
-    for nfe, value in (evaluate.fid_by_nfe(model, ema, dataset, args.fid, rank, world_size, device, outer, log)
-                       if args.fid else {}).items():
-        res["by_nfe"][nfe]["fid"] = value
+        evaluate.run_picture(os.path.join(outdir, "samples.png"), model, out, train_set.panel(2000), log)
+    if args.fid:
+        for nfe, fid in evaluate.fid_by_nfe(model, ema, train_set.dataset, args.fid, rank, world_size, device, outer,
+                                            log).items():
+            res["by_nfe"][nfe]["fid"] = fid
     if master:
         rundir.write_json(os.path.join(outdir, "metrics.json"), {k: v for k, v in res.items() if k != "_out"})
     return res
 
 
 if len(steps) > 1:  # several S: the parent folder is this run's too (its summary, picture and args.json)
-    if args.resume and not any(rundir.checkpoints(d) for d, _ in configs()):
-        fail(f"--resume: no checkpoint in {outdir}")
     claim(outdir)
 results = [run(d, cfg) for d, cfg in configs()]
 if master and len(results) > 1:  # MCM over several S: one summary (and for toys a Fig. 1-style picture of the paths)
     outs = [r["_out"] for r in results]
     rundir.write_json(os.path.join(outdir, "metrics.json"), {f"S={S}": m for o in outs for S, m in o["by_nfe"].items()})
-    evaluate.mcm_summary(outdir, outs, x_train[:2000] if is_toy else None, dataset.denoiser if is_toy else None, log)
+    evaluate.mcm_summary(outdir, outs, train_set.panel(2000) if is_toy else None, exact if is_toy else None, log)
 if ddp:
     dist.barrier()  # the other ranks wait for rank 0's evaluation: tearing gloo down under it aborts the process
     dist.destroy_process_group()

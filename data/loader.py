@@ -25,6 +25,7 @@ import math
 import numpy as np
 import torch
 
+from data import images, toy
 from data.images import ImageDataset
 
 
@@ -132,3 +133,44 @@ def _read(data, plan, workers, pin_memory):
                                          pin_memory=pin_memory, generator=torch.Generator())
     for step, m, x, labels in loader:
         yield step, m, x, labels
+
+
+class TrainingData:
+    """A run's training data on `device`: a 2D toy's 65,536 points drawn from `seed`, or an image dataset decoded
+    once per node into a memory-mapped cache that every rank and loader worker shares (data/images.py), with the
+    exact denoiser where there is one (toys, digits). Raises images.DatasetError (or ImportError) if unreadable."""
+
+    def __init__(self, name, seed, cond, device):
+        self.name, self.device, self.is_toy = name, device, name in toy.DATASETS
+        if self.is_toy:
+            self.dataset = toy.DATASETS[name]()
+            self.x, self.y = self.dataset.sample(65536, torch.Generator().manual_seed(seed), torch.float32)
+            self.label_dim, self.shape = self.dataset.label_dim if cond else 0, [self.dataset.dim]
+            self.exact = self.dataset.denoiser
+        else:
+            self.dataset = images.open_dataset(name, cache_dir=images.default_cache_dir())
+            self.label_dim = self.dataset.num_classes if cond else 0
+            self.shape = [self.dataset.channels, self.dataset.resolution, self.dataset.resolution]
+            self.exact = images.EmpiricalTeacher(self.dataset).to(device) if name == "digits" else None
+        self.record = dict(name=name, shape=self.shape, label_dim=self.label_dim)  # the checkpoint's `data`
+
+    def __len__(self):
+        return len(self.x) if self.is_toy else len(self.dataset)
+
+    def source(self):
+        """What `batches` reads."""
+        return (self.x, self.y) if self.is_toy else self.dataset
+
+    def on_device(self, x, y):
+        """A batch and its one-hot labels (None for an unconditional run) on the device."""
+        y = None if y is None or not self.label_dim else y if self.is_toy else images.one_hot(y, self.label_dim)
+        return x.to(self.device, non_blocking=True), (None if y is None else y.to(self.device, non_blocking=True))
+
+    def examples(self, idx):
+        """The examples at `idx` (a LongTensor) on the device, with their labels."""
+        return self.on_device(*((self.x[idx], None if self.y is None else self.y[idx]) if self.is_toy else
+                                self.dataset.batch(idx)))
+
+    def panel(self, n):
+        """The data beside the samples in pictures: n toy points, or the first 64 images."""
+        return self.x[:n] if self.is_toy else self.examples(torch.arange(min(len(self), 64)))[0]

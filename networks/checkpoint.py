@@ -507,19 +507,25 @@ class Teacher:
     use_fp16: bool = False
 
 
-def load_teacher(path) -> Teacher:
-    """A teacher from an NVlabs EDM `.pkl` (read without executing it) or from a train.py `--algo edm` run."""
+def load_teacher(path, data=None, by_name=False) -> Teacher:
+    """A teacher from an NVlabs EDM `.pkl` (read without executing it) or from a train.py `--algo edm` run; with
+    `data` (a record {name, shape, label_dim}), CheckpointError unless it can teach on it (`teacher_mismatch`)."""
     if str(path).endswith(".pkl"):
         published = load_edm_pickle(path)
         spec = {"cls": type(published.net).__name__, "kwargs": published.net_kwargs}
-        return Teacher(published.net, spec, None, bool(published.precond.get("use_fp16", False)))
-    state = read_run_checkpoint(path)
-    model = state["model"]
-    if model.get("algo") != "edm":
-        raise CheckpointError(f"{path}: a {model.get('algo')} student, not an EDM teacher (train one with --algo edm)")
-    net = build_network(model["network"], str(path))
-    _load_strict(net, state["ema"], state["path"])
-    return Teacher(net.eval().requires_grad_(False), model["network"], model["data"])
+        teacher = Teacher(published.net, spec, None, bool(published.precond.get("use_fp16", False)))
+    else:
+        state = read_run_checkpoint(path)
+        model = state["model"]
+        if model.get("algo") != "edm":
+            raise CheckpointError(f"{path}: a {model.get('algo')} student, not an EDM teacher (train one with "
+                                  f"--algo edm)")
+        net = build_network(model["network"], str(path))
+        _load_strict(net, state["ema"], state["path"])
+        teacher = Teacher(net.eval().requires_grad_(False), model["network"], model["data"])
+    if data is not None and (why := teacher_mismatch(teacher, data, by_name)):
+        raise CheckpointError(why)
+    return teacher
 
 
 def teacher_mismatch(teacher: Teacher, data: dict, by_name: bool) -> str | None:
