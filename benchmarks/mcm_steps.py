@@ -25,12 +25,12 @@ from benchmarks import common
 from data import metrics, toy
 
 # train.py's MCM recipe (Adam 1e-3, batch 256, teacher steps annealed 64 → 1280 over half the run, evaluation EMA).
-# Set-up (i) repeats the previous protocol's set-up with the new metrics, on one seed (set-up (ii) came first).
-FULL = dict(data="two_modes", S=(1, 2, 4, 8), S_i=(1, 2, 4, 8), seeds=(0, 1, 2), seeds_i=(0,), iters=1000, batch=256,
-            lr=1e-3, n_eval=4096, curve=(250, 500, 750, 1000), n_curve=1024, n_target=512, n_xvar=256,
-            teacher=common.TEACHER)
+# n_large: the energy test of the largest S against the teacher's ODE at n_large against n_large samples.
+FULL = dict(data="two_modes", S=(1, 2, 4, 8), S_i=(1, 2, 4, 8), seeds=(0, 1, 2), seeds_i=(0, 1, 2), iters=1000,
+            batch=256, lr=1e-3, n_eval=4096, curve=(250, 500, 750, 1000), n_curve=1024, n_target=512, n_xvar=256,
+            n_large=16384, teacher=common.TEACHER)
 QUICK = dict(data="two_modes", S=(1, 2), S_i=(1,), seeds=(0, 1), seeds_i=(0,), iters=20, batch=64, lr=1e-3, n_eval=256,
-             curve=(10, 20), n_curve=64, n_target=64, n_xvar=32, teacher=dict(iters=20, batch=64, lr=1e-3))
+             curve=(10, 20), n_curve=64, n_target=64, n_xvar=32, n_large=256, teacher=dict(iters=20, batch=64, lr=1e-3))
 SETUPS = {"i": "exact teacher, random init", "ii": "EDM network teacher, student = teacher at init"}
 
 
@@ -72,25 +72,31 @@ def measure(x, refs, setup, arm=None):
     return out
 
 
+def config(p, S, arm):
+    return mcm.Config(S=S, anneal_iters=p["iters"] // 2, addim_teacher=arm == "aDDIM")  # App. A.1: half the run
+
+
+def train_student(p, refs, setup, S, seed, arm, curve=None):
+    """One MCM-CD student (Alg. 1) with the given teacher step, and its training log (`curve` every p["curve"][0])."""
+    D, cfg = refs["ds"].denoiser if setup == "i" else refs["D"], config(p, S, arm)
+
+    def loss_fn(net, net_ema, x, step, g):  # MCM has no target network: its stop-gradient target is `net` itself
+        return mcm.loss(cfg, net, D, x, step=step, generator=g)
+
+    return common.train(loss_fn, refs["ds"], p["iters"], seed=seed, batch=p["batch"], lr=p["lr"], evaluate=curve,
+                        eval_every=p["curve"][0], init=None if setup == "i" else refs["net"])
+
+
 def run(p, refs, setup, S, seed, arm="aDDIM"):
-    """One MCM-CD student (Alg. 1) with the given teacher step: its training curve and its final measurements."""
-    ds = refs["ds"]
-    D = ds.denoiser if setup == "i" else refs["D"]
-    cfg = mcm.Config(S=S, anneal_iters=p["iters"] // 2, addim_teacher=arm == "aDDIM")  # App. A.1: anneal half the run
-    reference = refs["exact"] if setup == "i" else refs["teacher"]
-    nc = p["n_curve"]
+    """One MCM-CD student: its training curve and its final measurements."""
+    cfg, reference, nc = config(p, S, arm), refs["exact"] if setup == "i" else refs["teacher"], p["n_curve"]
 
     def compute():
-        def loss_fn(net, net_ema, x, step, g):  # MCM has no target network: its stop-gradient target is `net` itself
-            return mcm.loss(cfg, net, D, x, step=step, generator=g)
-
         def curve(net):
             return {"gap_mean": metrics.teacher_gap(mcm.sample(cfg, net, refs["noise"][:nc]), reference[:nc])}
 
         t0 = time.time()
-        every = p["curve"][0]
-        ema, log = common.train(loss_fn, ds, p["iters"], seed=seed, batch=p["batch"], lr=p["lr"],
-                                evaluate=curve, eval_every=every, init=None if setup == "i" else refs["net"])
+        ema, log = train_student(p, refs, setup, S, seed, arm, curve)
         x = mcm.sample(cfg, ema, refs["noise"])
         return dict(curve=[(i, e["gap_mean"]) for i, e in log["evals"] if i in p["curve"]],
                     final_loss=log["loss"][-1][1], s_per_iter=log["s_per_iter"], wall_s=time.time() - t0,
@@ -102,6 +108,24 @@ def run(p, refs, setup, S, seed, arm="aDDIM"):
     print(f"  ({setup}) {arm} teacher step, S = {S}, seed {seed}: gap to exact ODE {r['vs_exact']['gap_mean']:.3e}"
           + (f", to teacher ODE {r['vs_teacher']['gap_mean']:.3e}" if setup == "ii" else "")
           + f"  ({r['wall_s']:.0f}s)", flush=True)
+    return r
+
+
+def large_energy(p, refs, S, seed):
+    """The energy test of a set-up (ii) student against the teacher network's ODE at n_large against n_large samples
+    from disjoint noise of their own (the student is trained again: training is deterministic given the seed)."""
+    n = p["n_large"]
+
+    def compute():
+        noise = common.eval_noise(refs["ds"], 1, 2 * n)  # seed 1: not the evaluation noise of `run`
+        x = mcm.sample(config(p, S, "aDDIM"), train_student(p, refs, "ii", S, seed, "aDDIM")[0], noise[:n])
+        return metrics.energy_test(x, common.ode(refs["D"], noise[n:], steps_per_unit=3))
+
+    key = dict(kind="mcm-energy", data=p["data"], S=S, seed=seed, n=n, teacher=p["teacher"],
+               **{k: p[k] for k in ("iters", "batch", "lr")})
+    r = common.cached("mcm-energy", key, compute)
+    print(f"  (ii) S = {S}, seed {seed}: energy to the teacher ODE at {n} against {n}: {r['energy']:.2e} "
+          f"(null s.d. {r['energy_null_sd']:.1e}, p = {r['energy_p']:.3f})", flush=True)
     return r
 
 
@@ -139,6 +163,10 @@ def main(quick=False, out="docs/results/mcm_steps"):
                        "curve": {i: common.mean_se([dict(r["curve"])[i] for r in runs]) for i in p["curve"]},
                        "per_seed": runs}
         res["setups"][setup] = rows
+    S = max(p["S"])
+    tests = [large_energy(p, refs, S, seed) for seed in p["seeds"]]
+    res["large_energy"] = dict(S=S, n=p["n_large"], per_seed=tests,
+                               **{f: common.mean_se([t[f] for t in tests]) for f in ("energy", "energy_p")})
     res["wall_time_s"] = time.time() - t0
     print_table(res, p)
     return common.write(out, "mcm_steps", quick, res, lambda path: plot(path, res, p))
