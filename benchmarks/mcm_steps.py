@@ -26,9 +26,10 @@ from data import metrics, toy
 
 # train.py's MCM recipe (Adam 1e-3, batch 256, teacher steps annealed 64 → 1280 over half the run, evaluation EMA).
 # n_large: the energy test of the largest S against the teacher's ODE at n_large against n_large samples.
-FULL = dict(data="two_modes", S=(1, 2, 4, 8), S_i=(1, 2, 4, 8), seeds=(0, 1, 2), seeds_i=(0, 1, 2), iters=1000,
-            batch=256, lr=1e-3, n_eval=4096, curve=(250, 500, 750, 1000), n_curve=1024, n_target=512, n_xvar=256,
-            n_large=16384, teacher=common.TEACHER)
+# 3000 iterations: at 1000, S = 1 in (ii) and S = 4, 8 in (i) were still improving.
+FULL = dict(data="two_modes", S=(1, 2, 4, 8), S_i=(1, 2, 4, 8), seeds=(0, 1, 2, 3, 4), seeds_i=(0, 1, 2), iters=3000,
+            batch=256, lr=1e-3, n_eval=16384, curve=(500, 1000, 1500, 2000, 2500, 3000), n_curve=1024, n_target=512,
+            n_xvar=256, n_large=16384, teacher=common.TEACHER)
 QUICK = dict(data="two_modes", S=(1, 2), S_i=(1,), seeds=(0, 1), seeds_i=(0,), iters=20, batch=64, lr=1e-3, n_eval=256,
              curve=(10, 20), n_curve=64, n_target=64, n_xvar=32, n_large=256, teacher=dict(iters=20, batch=64, lr=1e-3))
 SETUPS = {"i": "exact teacher, random init", "ii": "EDM network teacher, student = teacher at init"}
