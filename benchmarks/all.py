@@ -15,7 +15,7 @@ runs are cached in runs/benchmark_cache/, so a second full run only re-evaluates
              pkl_load               the safe NVlabs-pickle loader against torch.load of the same weights
              data_loader            memory per rank and loader images/s on a synthetic 100k-PNG zip
 
-Not here: `benchmarks.real_path` (the README's GPU command at full size on CPU, ~15 min) and `benchmarks.gpu_smoke`
+Not here: `benchmarks.real_path` (the README's GPU command at full size on CPU, ~90 min) and `benchmarks.gpu_smoke`
 (the CUDA paths, on a GPU).
 """
 import argparse

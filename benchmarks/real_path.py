@@ -1,12 +1,13 @@
-"""The README's GPU command on CPU, at full size: `python -m benchmarks.real_path` (about 15 minutes on 2 cores).
+"""The README's GPU command on CPU, at full size: `python -m benchmarks.real_path` (about 90 minutes on 2 cores).
 
 It writes the published CIFAR-10 DDPM++ teachers (unconditional and conditional: 56M parameters, augment_dim 9,
 dropout 0.13, random weights) as NVlabs-format pickles and a small dataset in CIFAR-10's python layout, then for
 cd, ctm and mcm, unconditional and conditional, runs 3 iterations of the README's command under
 `torchrun --nproc_per_node=2` (gloo; bf16 stands in for fp16, whose CPU kernels are far slower), and generate.py
 from each run and from each pickle: a 64-image grid and an .npz, with the same seeds on 1 and 2 ranks, which must
-give the same images. It prints one line per command with its wall time. `--quick` does the same at reduced width
-(tests/test_real_path.py runs that structure in CI).
+give the same images. It prints one line per command with its wall time. Most of the time is the teachers' own
+sampling (EDM's Heun, 35 NFE, 64 images on one thread per rank: 10–13 min on 2 ranks, 20 min on 1); each training
+run takes 2–5 min. `--quick` does the same at reduced width (tests/test_real_path.py runs that structure in CI).
 """
 import argparse
 import os
