@@ -29,9 +29,7 @@ for; with ℓ ≡ κ ≡ 0 every one is CTM's jumper (s/t)·x_t + (1 − s/t)·D
 | `beta`, `alpha`      | β on x_t, α on F_θ (Fig. 1)             | `teacher`        | D_φ                           |
 | `D`, `N`, `N1`       | D_φ, N_φ, dN_φ/dλ                       | `c_skip`, `c_out`| EDM Table 1 of t               |
 """
-import hashlib
 import math
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -53,13 +51,12 @@ class Config:
 
 @dataclass
 class Stats:
-    """ℓ and κ on the λ-grid (float64, [J+1]) and what ties them to their teacher (`fingerprint`, see `load`). The
-    integral tables are built once per device on first use (`tables`) and cached here."""
+    """ℓ and κ on the λ-grid (float64, [J+1]). The integral tables are built once per device on first use
+    (`tables`) and cached here. (Files of statistics, tied to their teacher: networks/checkpoint.py.)"""
     lam: torch.Tensor
     ell: torch.Tensor
     kappa: torch.Tensor
     sigma_data: float = edm.SIGMA_DATA
-    fingerprint: dict | None = None
 
     def __post_init__(self):
         shapes = {tuple(v.shape) for v in (self.lam, self.ell, self.kappa)}
@@ -141,60 +138,7 @@ def compute_stats(cfg, teacher, x0, labels=None, generator=None):
     with sdpa_kernel(SDPBackend.MATH):
         ell = estimate_ell(cfg, teacher, x0, z, v, labels)
         kappa = estimate_kappa(cfg, teacher, x0, z, ell, labels)
-    fingerprint = teacher_fingerprint(teacher, x0[:4], None if labels is None else labels[:4])
-    return Stats(lambda_grid(cfg), ell, kappa, cfg.sigma_data, fingerprint)
-
-
-# ---- tying statistics to their teacher; files ----------------------------------------------------------------
-
-def teacher_fingerprint(teacher, x0=None, labels=None):
-    """A network teacher: the SHA-256 of its state_dict (names, dtypes, shapes, bytes), the same on every device and
-    under TF32. A teacher without state (an exact float64 denoiser): its outputs at fixed float64 probe inputs."""
-    state = teacher.state_dict() if isinstance(teacher, torch.nn.Module) else {}
-    if state:
-        h = hashlib.sha256()
-        for name, p in state.items():
-            p = p.detach().cpu().contiguous().reshape(-1)
-            h.update(f"{name}|{p.dtype}|{tuple(state[name].shape)}|".encode())
-            h.update(p.view(torch.uint8).numpy().tobytes())
-        return {"sha256": h.hexdigest()}
-    x = x0.double().cpu() + torch.linspace(-1.0, 1.0, x0.numel(), dtype=torch.float64).reshape(x0.shape)
-    sigma = torch.tensor([0.1, 0.5, 2.0, 10.0], dtype=torch.float64)[: x0.shape[0]]
-    labels = None if labels is None else labels.double().cpu()
-    with torch.no_grad():
-        D = teacher(x.to(x0.device), sigma.to(x0.device), None if labels is None else labels.to(x0.device))
-    return {"x": x, "sigma": sigma, "labels": labels, "D": D.double().cpu()}
-
-
-def save(stats, path):
-    """Plain tensors, floats and strings only, so that `load` works with torch.load(weights_only=True). Atomic: a
-    temporary file, then os.replace, so a kill leaves the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"lam": stats.lam.cpu(), "ell": stats.ell.cpu(), "kappa": stats.kappa.cpu(),
-                "sigma_data": stats.sigma_data, "fingerprint": stats.fingerprint}, tmp)
-    os.replace(tmp, path)
-
-
-def load(path, teacher=None, device="cpu"):
-    """Inverse of `save`. With `teacher` (running on `device`), raise ValueError unless the statistics belong to it."""
-    d = torch.load(path, weights_only=True)
-    stats = Stats(d["lam"], d["ell"], d["kappa"], d["sigma_data"], d.get("fingerprint"))
-    fp = stats.fingerprint
-    if teacher is None or fp is None:
-        return stats
-    if "sha256" in fp:
-        same = teacher_fingerprint(teacher) == {"sha256": fp["sha256"]}
-    else:
-        to = lambda v: None if v is None else v.to(device)
-        with torch.no_grad():
-            D = teacher(to(fp["x"]), to(fp["sigma"]), to(fp["labels"])).double().cpu()
-        # An exact teacher computes in float64 on any device: devices differ by rounding (~1e-15 relative), while
-        # any other data set moves the outputs at these probes by far more than 1e-9.
-        same = D.shape == fp["D"].shape and torch.allclose(D, fp["D"], rtol=1e-9, atol=1e-12)
-    if not same:
-        raise ValueError(f"{path}: these Analytic-Precond statistics were computed for a different teacher; delete "
-                         f"the file to recompute them for this one")
-    return stats
+    return Stats(lambda_grid(cfg), ell, kappa, cfg.sigma_data)
 
 
 # ---- integrals (docs §3) ---------------------------------------------------------------------------------------

@@ -25,8 +25,10 @@ Every problem is raised as `CheckpointError` with the file's path and what is wr
 """
 import dataclasses
 import gc
+import hashlib
 import inspect
 import io
+import os
 import pickle
 import warnings
 from collections import OrderedDict
@@ -568,3 +570,60 @@ def student_spec(teacher: Teacher | None, arch: str | None, data: dict, dropout,
     if dropout is not None and "dropout" in inspect.signature(network_classes()[cls]).parameters:
         kwargs["dropout"] = dropout
     return dict(cls=cls, kwargs={**kwargs, "s_embedding": s_embedding})
+
+
+# ---- Analytic-Precond statistics in a file of their own, tied to the teacher they were computed for -------------
+
+def teacher_fingerprint(teacher, x0=None, labels=None) -> dict:
+    """A network teacher: the SHA-256 of its state_dict (names, dtypes, shapes, bytes), the same on every device and
+    under TF32. A teacher without state (an exact float64 denoiser): its outputs at float64 probe inputs made from
+    the data x0 (and labels)."""
+    state = teacher.state_dict() if isinstance(teacher, nn.Module) else {}
+    if state:
+        h = hashlib.sha256()
+        for name, p in state.items():
+            p = p.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name}|{p.dtype}|{tuple(state[name].shape)}|".encode())
+            h.update(p.view(torch.uint8).numpy().tobytes())
+        return {"sha256": h.hexdigest()}
+    x0 = x0[:4]
+    x = x0.double().cpu() + torch.linspace(-1.0, 1.0, x0.numel(), dtype=torch.float64).reshape(x0.shape)
+    sigma = torch.tensor([0.1, 0.5, 2.0, 10.0], dtype=torch.float64)[: x0.shape[0]]
+    labels = None if labels is None else labels[:4].double().cpu()
+    with torch.no_grad():
+        D = teacher(x.to(x0.device), sigma.to(x0.device), None if labels is None else labels.to(x0.device))
+    return {"x": x, "sigma": sigma, "labels": labels, "D": D.double().cpu()}
+
+
+def save_analytic_stats(stats, path, teacher=None, x0=None, labels=None) -> None:
+    """`analytic_precond.Stats` as plain tensors, floats and strings (readable with weights_only=True), with the
+    fingerprint of `teacher` if given (x0, labels: the probes for a teacher without state). Atomic: a temporary
+    file, then os.replace, so a kill leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"lam": stats.lam.cpu(), "ell": stats.ell.cpu(), "kappa": stats.kappa.cpu(),
+                "sigma_data": stats.sigma_data,
+                "fingerprint": None if teacher is None else teacher_fingerprint(teacher, x0, labels)}, tmp)
+    os.replace(tmp, path)
+
+
+def load_analytic_stats(path, teacher=None, device="cpu"):
+    """Inverse of `save_analytic_stats`. With `teacher` (running on `device`), raise ValueError unless the file
+    was saved with the fingerprint of this teacher."""
+    from algorithms import analytic_precond
+    d = torch.load(path, weights_only=True)
+    stats, fp = analytic_precond.Stats(d["lam"], d["ell"], d["kappa"], d["sigma_data"]), d.get("fingerprint")
+    if teacher is None or fp is None:
+        return stats
+    if "sha256" in fp:
+        same = teacher_fingerprint(teacher) == {"sha256": fp["sha256"]}
+    else:
+        to = lambda v: None if v is None else v.to(device)
+        with torch.no_grad():
+            D = teacher(to(fp["x"]), to(fp["sigma"]), to(fp["labels"])).double().cpu()
+        # An exact teacher computes in float64 on any device: devices differ by rounding (~1e-15 relative), while
+        # any other data set moves the outputs at these probes by far more than 1e-9.
+        same = D.shape == fp["D"].shape and torch.allclose(D, fp["D"], rtol=1e-9, atol=1e-12)
+    if not same:
+        raise ValueError(f"{path}: these Analytic-Precond statistics were computed for a different teacher; delete "
+                         f"the file to recompute them for this one")
+    return stats

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from algorithms import analytic_precond as ap
 from algorithms import edm
 from data import images, toy
+from networks import checkpoint
 from networks.mlp import MLP
 
 SD = edm.SIGMA_DATA
@@ -246,34 +247,34 @@ def test_stats_round_trip_through_a_file_and_belong_to_their_teacher(tmp_path):
     teacher = mlp_teacher(0)
     stats = ap.compute_stats(ap.Config(num_intervals=4, num_samples=64), teacher, x0,
                              generator=torch.Generator().manual_seed(1))
-    ap.save(stats, tmp_path / "net.pt")
-    loaded = ap.load(tmp_path / "net.pt", teacher=copy.deepcopy(teacher))
+    checkpoint.save_analytic_stats(stats, tmp_path / "net.pt", teacher, x0)
+    loaded = checkpoint.load_analytic_stats(tmp_path / "net.pt", teacher=copy.deepcopy(teacher))
     assert torch.equal(loaded.ell, stats.ell) and torch.equal(loaded.kappa, stats.kappa)
     changed = copy.deepcopy(teacher)
     with torch.no_grad():
         w = next(changed.parameters())
         w.view(-1)[0] = torch.nextafter(w.view(-1)[0], torch.tensor(float("inf"), dtype=w.dtype))
     with pytest.raises(ValueError, match="different teacher"):
-        ap.load(tmp_path / "net.pt", teacher=changed)
+        checkpoint.load_analytic_stats(tmp_path / "net.pt", teacher=changed)
     exact = ap.compute_stats(ap.Config(num_intervals=4, num_samples=64), toy.ring8().denoiser, x0)
-    ap.save(exact, tmp_path / "exact.pt")
-    ap.load(tmp_path / "exact.pt", teacher=toy.ring8().denoiser)
+    checkpoint.save_analytic_stats(exact, tmp_path / "exact.pt", toy.ring8().denoiser, x0)
+    checkpoint.load_analytic_stats(tmp_path / "exact.pt", teacher=toy.ring8().denoiser)
     with pytest.raises(ValueError, match="different teacher"):
-        ap.load(tmp_path / "exact.pt", teacher=toy.two_modes().denoiser)
+        checkpoint.load_analytic_stats(tmp_path / "exact.pt", teacher=toy.two_modes().denoiser)
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
     """A failure while saving leaves the previous file whole."""
     old = stats_of(torch.zeros_like, torch.zeros_like)
-    ap.save(old, tmp_path / "s.pt")
+    checkpoint.save_analytic_stats(old, tmp_path / "s.pt")
 
     def fail(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError):
-        ap.save(stats_of(torch.ones_like, torch.ones_like), tmp_path / "s.pt")
+        checkpoint.save_analytic_stats(stats_of(torch.ones_like, torch.ones_like), tmp_path / "s.pt")
     monkeypatch.undo()
-    assert torch.equal(ap.load(tmp_path / "s.pt").ell, old.ell)
+    assert torch.equal(checkpoint.load_analytic_stats(tmp_path / "s.pt").ell, old.ell)
 
 
 class TinyAttention(torch.nn.Module):
