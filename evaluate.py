@@ -32,9 +32,10 @@ def algo_config(model):
 
 def analytic_stats(model, device="cpu"):
     """The run's Analytic-Precond statistics (`analytic_precond.Stats`), or None."""
+    # (checkpoints of earlier versions also hold a fingerprint, which Stats no longer has)
     d, fields = model.get("analytic_stats"), {f.name for f in dataclasses.fields(analytic_precond.Stats)}
     return None if not d else analytic_precond.Stats(**{k: (v.to(device) if torch.is_tensor(v) else v)
-                                                        for k, v in d.items() if k in fields})  # older checkpoints: also a fingerprint
+                                                        for k, v in d.items() if k in fields})
 
 
 def analytic_record(teacher, x0, labels, log=print):
